@@ -1,0 +1,1 @@
+"""Ray-distributed post-training and ablation orchestrator."""

@@ -1,0 +1,365 @@
+"""Typed run configuration: YAML in, dotted overrides, validation before any compute.
+
+Every knob of METHODS.md is a field here, so every choice can be an ablation axis.
+Unknown keys are refused (``extra="forbid"``) and every error names the dotted field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override, raised before any compute starts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(_Strict):
+    """Which dataset, and how the DIR protocol (METHODS §2) cuts it."""
+
+    name: str = Field("movies", description="Registered dataset: movies, diamonds, doctor-visits.")
+    root: str = Field("data", description="Folder where built Parquet splits are cached.")
+    label_step: float | None = Field(
+        None, gt=0, description="Bin width for labels; None takes the dataset's default."
+    )
+    max_per_label: int = Field(30, ge=1, description="Cap per label bin in the balanced val/test splits.")
+    train_size: int | None = Field(
+        None, ge=1, description="Random training subset (keeps the natural distribution); None keeps all."
+    )
+    many_threshold: int = Field(100, ge=1, description="A bin with more training samples than this is 'many'.")
+    few_threshold: int = Field(20, ge=1, description="A bin with fewer training samples than this is 'few'.")
+    seed: int = Field(0, description="Seed of the split; independent of the training seed.")
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> "DataConfig":
+        if self.few_threshold > self.many_threshold:
+            raise ValueError(
+                f"few_threshold ({self.few_threshold}) must not exceed many_threshold ({self.many_threshold})"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """Stable short hash of everything that changes the built splits (root excluded)."""
+        payload = self.model_dump(exclude={"root"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- model
+
+
+class TinyModelConfig(_Strict):
+    """Size of the random-init model built from a transformers config (tests, CPU demos)."""
+
+    architecture: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    max_position_embeddings: int = Field(512, ge=32)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Where the policy comes from: `tiny` (random init), `smollm2-135m` (packaged), or a path / hub id."""
+
+    source: str = Field("tiny", description="'tiny', 'smollm2-135m', or a local directory / hub id.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = Field(False, description="Never on unless the user asks.")
+    cache_dir: str | None = Field(None, description="Where converted models are cached; default ~/.cache/orchestrator.")
+    init_seed: int = Field(1234, description="Seed of the random init of a tiny model.")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _StageBase(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    steps: int = Field(100, ge=0, description="Optimizer steps in this stage.")
+    micro_batch_size: int = Field(8, ge=1, description="Per worker, per forward pass.")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+
+
+class SFTStage(_StageBase):
+    """Supervised fine-tuning on the answer tokens only (METHODS §3)."""
+
+    kind: Literal["sft"] = "sft"
+    loss: Literal["ce", "softlabel", "dist2"] = "ce"
+    digit_weight: float = Field(1.0, gt=0, description="λ on digit tokens for `ce` (the up-weighting control).")
+    psi: Literal["triangular", "binomial", "poisson", "uniform"] = "triangular"
+    eta: float | None = Field(None, ge=0, le=1, description="Soft mass; None takes the paper default for psi.")
+    softlabel_lambda: float = Field(2.0, gt=0)
+    tau: float = Field(1.0, gt=0)
+    alpha: float = Field(0.1, ge=0)
+    place_value_weights: bool = False
+
+    def resolved_eta(self) -> float:
+        defaults = {"triangular": 0.08, "binomial": 0.05, "poisson": 0.02, "uniform": 0.05}
+        return self.eta if self.eta is not None else defaults[self.psi]
+
+    def label(self) -> str:
+        return f"sft:{self.loss}"
+
+
+class RewardTerm(_Strict):
+    name: str = Field(..., description="Registered reward (format, mae, accuracy, ccc) or 'module:function'.")
+    weight: float = 1.0
+
+
+class GRPOStage(_StageBase):
+    """Group-relative policy optimisation (METHODS §4)."""
+
+    kind: Literal["grpo"] = "grpo"
+    lr: float = Field(1e-5, gt=0)
+    micro_batch_size: int = Field(4, ge=1, description="Prompts per worker per rollout (B).")
+    group_size: int = Field(4, ge=2, description="G completions per prompt.")
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="ccc")])
+    ccc_scope: Literal["worker", "global"] = "worker"
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    beta: float = Field(0.04, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    epsilon_low: float = Field(0.2, ge=0)
+    epsilon_high: float = Field(0.2, ge=0)
+    scale_rewards: bool = True
+    num_iterations: int = Field(1, ge=1)
+    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    mae_reward_form: Literal["neg_range", "one_minus_scaled"] = "neg_range"
+    mae_scale: float | None = Field(None, gt=0, description="Scale of `one_minus_scaled`; None = label range.")
+    accuracy_tolerance: float = Field(0.0, ge=0)
+
+    def label(self) -> str:
+        return "grpo:" + "+".join(t.name for t in self.rewards)
+
+
+Stage = Annotated[Union[SFTStage, GRPOStage], Field(discriminator="kind")]
+
+
+def parse_pipeline(spec: str) -> list[dict[str, Any]]:
+    """`"sft:ce -> grpo:ccc"` -> stage dicts. `zero-shot` is the empty pipeline (evaluation only)."""
+    spec = spec.strip()
+    if spec in ("zero-shot", ""):
+        return []
+    stages: list[dict[str, Any]] = []
+    for part in re.split(r"\s*(?:->|→|>)\s*", spec):
+        kind, _, arg = part.partition(":")
+        if kind == "sft":
+            if arg not in ("ce", "softlabel", "dist2"):
+                raise ConfigError(f"pipeline {spec!r}: unknown SFT loss {arg!r}; allowed: ce, softlabel, dist2")
+            stages.append({"kind": "sft", "loss": arg})
+        elif kind == "grpo":
+            names = [n for n in arg.split("+") if n]
+            if not names:
+                raise ConfigError(f"pipeline {spec!r}: grpo needs a reward, e.g. grpo:ccc")
+            stages.append({"kind": "grpo", "rewards": [{"name": n} for n in names]})
+        else:
+            raise ConfigError(f"pipeline {spec!r}: unknown stage {part!r}; write sft:LOSS or grpo:REWARD")
+    return stages
+
+
+# --------------------------------------------------------------------------- run
+
+
+class EvalConfig(_Strict):
+    splits: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val", "test"])
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    parse_failure: Literal["penalty", "exclude", "random"] = "penalty"
+    max_samples: int | None = Field(None, ge=1, description="Cap per split (keeps CPU runs short).")
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32.")
+    offload_optimizer: bool = False
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(50, ge=1, description="Checkpoint (and report) every N optimizer steps.")
+    num_to_keep: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "orchestrator"
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the local SQLite store.")
+    log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+
+
+class RunConfig(_Strict):
+    """One training run: a pipeline of stages on one dataset, evaluated with DIR metrics."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 42
+    storage_path: str = Field("results", description="Ray Train storage: checkpoints and run state.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pipeline: list[Stage] = Field(default_factory=lambda: [SFTStage()])
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pipeline_shorthand(cls, values: Any) -> Any:
+        # `pipeline: "sft:ce -> grpo:ccc"` plus optional `stages:` overrides per kind.
+        if isinstance(values, dict) and isinstance(values.get("pipeline"), str):
+            values = dict(values)
+            values["pipeline"] = parse_pipeline(values["pipeline"])
+        return values
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "RunConfig":
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        if self.deepspeed.precision == "bf16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision=bf16 needs scaling.use_gpu=true (CPU training runs in fp32)")
+        return self
+
+    def pipeline_label(self) -> str:
+        return " -> ".join(s.label() for s in self.pipeline) or "zero-shot"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}; got {e.get('input')!r}"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _coerce_scalar(text: str) -> Any:
+    """Override values are YAML scalars: `1e-5` -> float, `true` -> bool, `[1,2]` -> list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+        return float(value)  # YAML 1.1 reads `1e-5` as a string
+    return value
+
+
+def apply_override(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """Set `a.b.0.c=value` in a nested dict/list tree (copy-on-write)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like field.path=value")
+    path, _, raw = dotted.partition("=")
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {dotted!r} has an empty field path")
+    tree = copy.deepcopy(tree)
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {where} is not an index of a {len(node)}-element list")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            node[key] = _coerce_scalar(raw)
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            if isinstance(node, dict) and key == "pipeline" and isinstance(node[key], str):
+                node[key] = parse_pipeline(node[key])
+            node = node[key]
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read YAML (or a dict), apply dotted overrides, validate. Raises ConfigError with every problem."""
+    # Start from the full defaults so overrides can reach into default lists (pipeline.0.lr=...).
+    tree: dict[str, Any] = RunConfig().model_dump(mode="json")
+    if base:
+        tree = _deep_merge(tree, base)
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of fields, got {type(loaded).__name__}")
+        tree = _deep_merge(tree, loaded)
+    for item in overrides or []:
+        tree = apply_override(tree, item)
+    try:
+        return RunConfig.model_validate(tree)
+    except ConfigError:
+        raise
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> `{"a.b.c": value}` (lists by index), for MLflow params and tables."""
+    out: dict[str, Any] = {}
+    if isinstance(d, BaseModel):
+        d = d.model_dump(mode="json")
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and d and all(isinstance(x, (dict, list)) for x in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
