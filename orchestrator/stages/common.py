@@ -1,0 +1,112 @@
+"""What every stage needs: the DeepSpeed engine, the worker's place in the group, and hooks back to
+the train loop (logging on rank 0, checkpointing through Ray Train)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import DeepSpeedConfig, RunConfig
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    model: torch.nn.Module  # the bare module, carried from stage to stage
+    tokenizer: Any
+    digit_token_ids: torch.Tensor
+    dataset: Any  # BuiltDataset
+    rank: int
+    world_size: int
+    device: torch.device
+    stage_index: int
+    global_step_offset: int  # steps done in earlier stages, so train/* metrics form one curve
+    log: Callable[[dict[str, float], int], None]  # rank-0 metric logger (no-op elsewhere)
+    checkpoint: Callable[[Any, int, dict[str, float]], None]  # (engine, step_in_stage, metrics)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def deepspeed_json(stage, ds: DeepSpeedConfig, use_gpu: bool) -> dict[str, Any]:
+    """The one place a config becomes DeepSpeed's JSON."""
+    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and use_gpu and torch.cuda.is_bf16_supported())
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-compiled DeepSpeed op
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _skip_cpu_shm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op (60-90 s) the first time its comm layer
+    starts on CPU. That op serves DeepSpeed inference, not ZeRO training over gloo: mark it
+    unavailable so nothing compiles."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
+    """A DeepSpeed engine for one stage: torch AdamW, linear warm-up then constant LR."""
+    import deepspeed
+
+    if not cfg.scaling.use_gpu:
+        _skip_cpu_shm_op()
+
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
+    warmup = max(stage.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu),
+        dist_init_required=False,
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def full_parameters(engine_or_model):
+    """Generation needs whole weights: under ZeRO-3 gather them for the duration."""
+    module = getattr(engine_or_model, "module", engine_or_model)
+    zero3 = getattr(engine_or_model, "zero_optimization_stage", lambda: 0)() == 3
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield module
+    else:
+        yield module
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum scalars across workers in one collective (no-op outside a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

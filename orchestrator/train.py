@@ -1,0 +1,210 @@
+"""The Ray Train job for one run: N workers, each a DeepSpeed engine, run the pipeline's stages in
+order (workers start once), then evaluate. The driver prepares data, model and the MLflow run
+before any worker starts, so bad input fails fast and a restarted run finds its own state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from orchestrator.config import RunConfig
+from orchestrator.data import build_dataset, load_built
+from orchestrator.models import digit_token_ids, load_model_and_tokenizer, resolve_source
+from orchestrator.tracking import RunLogger, finish_run, resolve_tracking_uri, start_or_resume_run
+
+STATE_FILE = "orchestrator_state.json"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _stage_runner(kind: str):
+    if kind == "sft":
+        from orchestrator.stages.sft import run_sft_stage
+
+        return run_sft_stage
+    from orchestrator.stages.grpo import run_grpo_stage
+
+    return run_grpo_stage
+
+
+def _restore_point() -> tuple[int, int, str | None]:
+    """(stage_index, step_in_stage, local checkpoint dir) from Ray Train's latest checkpoint, if any."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, 0, None
+    local = tempfile.mkdtemp(prefix="orchestrator-restore-")
+    with ckpt.as_directory() as d:
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    state = json.loads((Path(local) / STATE_FILE).read_text())
+    return int(state["stage_index"]), int(state["step"]), local
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from orchestrator.stages.common import StageContext
+    from orchestrator.stages.evaluation import evaluate_model
+
+    cfg = RunConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.scaling.use_gpu:
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # One thread per worker: oversubscribed CPU threads made steps ~80x slower here.
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + rank)
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
+    model.to(device)
+    dataset = load_built(loop_config["dataset_path"])
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        if logger is not None:
+            logger.log_metrics(metrics, step)
+
+    start_stage, start_step, resume_dir = _restore_point()
+    if logger is not None and resume_dir is not None:
+        logger.set_tag("orchestrator.resumed_from", f"stage {start_stage} step {start_step}")
+
+    engine = None
+    offset = sum(s.steps for s in cfg.pipeline[:start_stage])
+    for index, stage in enumerate(cfg.pipeline):
+        if index < start_stage:
+            continue
+
+        def checkpoint(engine_, step: int, metrics: dict[str, float], _index=index) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine_.save_checkpoint(tmp, tag="ckpt")
+                if rank == 0:
+                    (Path(tmp) / STATE_FILE).write_text(json.dumps({"stage_index": _index, "step": step}))
+                ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
+
+        ctx = StageContext(
+            cfg=cfg,
+            model=model,
+            tokenizer=tokenizer,
+            digit_token_ids=digit_token_ids(tokenizer),
+            dataset=dataset,
+            rank=rank,
+            world_size=world,
+            device=device,
+            stage_index=index,
+            global_step_offset=offset,
+            log=log,
+            checkpoint=checkpoint,
+        )
+        resuming = index == start_stage and resume_dir is not None
+        engine = _stage_runner(stage.kind)(
+            ctx, stage, start_step if resuming else 0, resume_dir if resuming else None
+        )
+        model = engine.module
+        offset += stage.steps
+
+    ctx = StageContext(
+        cfg=cfg, model=model, tokenizer=tokenizer, digit_token_ids=digit_token_ids(tokenizer), dataset=dataset,
+        rank=rank, world_size=world, device=device, stage_index=len(cfg.pipeline), global_step_offset=offset,
+        log=log, checkpoint=lambda *a: None,
+    )
+    metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
+    if logger is not None:
+        logger.log_metrics(metrics, offset)
+        with tempfile.TemporaryDirectory() as tmp:
+            for split, table in predictions.items():
+                path = Path(tmp) / f"{split}.parquet"
+                pq.write_table(table, path)
+                logger.log_artifact(path, "predictions")
+    if resume_dir:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}})
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join $RAY_ADDRESS if set, else start a local cluster in-process, dashboard on loopback only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        object_store_memory=256 * 1024 * 1024,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=True,
+    )
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    metrics: dict[str, float]
+
+
+def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures: int = 0) -> RunOutcome:
+    """Everything that can fail on bad input happens before Ray starts a single worker."""
+    from mlflow import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    built = build_dataset(cfg.data)
+    model_source = resolve_source(cfg.model)
+    uri = resolve_tracking_uri(cfg)
+    run_id = start_or_resume_run(cfg, parent_run_id)
+    try:
+        init_ray()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "model_source": model_source,
+                "dataset_path": str(built.path),
+                "tracking_uri": uri,
+                "run_id": run_id,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            ),
+            run_config=RayRunConfig(
+                name=cfg.name,
+                storage_path=str(Path(cfg.storage_path).resolve()),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                failure_config=FailureConfig(max_failures=max_failures),
+            ),
+        )
+        trainer.fit()
+    except BaseException as exc:
+        finish_run(uri, run_id, exc)
+        raise
+    finish_run(uri, run_id)
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)

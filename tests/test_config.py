@@ -1,0 +1,69 @@
+import pytest
+
+from orchestrator.config import ConfigError, RunConfig, apply_override, flatten, load_run_config, parse_pipeline
+
+
+def test_defaults_validate():
+    cfg = load_run_config()
+    assert cfg.pipeline_label() == "sft:ce"
+    assert cfg.deepspeed.zero_stage == 2
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: a\npipeline: sft:softlabel -> grpo:ccc\ndata: {train_size: 100}\n")
+    cfg = load_run_config(path, ["pipeline.1.beta=0", "pipeline.0.lr=1e-5", "data.seed=3", "pipeline.0.psi=binomial"])
+    assert cfg.pipeline_label() == "sft:softlabel -> grpo:ccc"
+    assert cfg.pipeline[1].beta == 0.0
+    assert cfg.pipeline[0].lr == pytest.approx(1e-5)
+    assert cfg.pipeline[0].resolved_eta() == 0.05  # paper default for binomial
+    assert cfg.data.train_size == 100 and cfg.data.seed == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["data.nme=1"], "data.nme: unknown field"),
+        (["pipeline.0.loss=foo"], "'ce', 'softlabel' or 'dist2'"),
+        (["scaling.num_workers=many"], "scaling.num_workers"),
+        (["pipeline=sft:xx"], "unknown SFT loss 'xx'"),
+        (["pipeline=rl:ccc"], "unknown stage"),
+        (["pipeline.4.lr=1"], "not an index"),
+        (["data.few_threshold=500"], "few_threshold (500) must not exceed many_threshold"),
+        (["deepspeed.precision=bf16"], "needs scaling.use_gpu"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+        (["name=has space"], "name"),
+        (["noequals"], "must look like field.path=value"),
+        (["pipeline=grpo:ccc", "pipeline.0.group_size=1"], "group_size"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(overrides=overrides)
+    assert fragment in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_run_config(bad)
+
+
+def test_pipeline_shorthand():
+    assert parse_pipeline("zero-shot") == []
+    assert parse_pipeline("sft:ce → grpo:mae+format") == [
+        {"kind": "sft", "loss": "ce"},
+        {"kind": "grpo", "rewards": [{"name": "mae"}, {"name": "format"}]},
+    ]
+    assert RunConfig.model_validate({"pipeline": "zero-shot"}).pipeline_label() == "zero-shot"
+
+
+def test_flatten_and_override_copy():
+    tree = {"a": {"b": 1}, "l": [{"x": 1}]}
+    new = apply_override(tree, "l.0.x=2")
+    assert tree["l"][0]["x"] == 1 and new["l"][0]["x"] == 2
+    flat = flatten(load_run_config())
+    assert flat["pipeline.0.loss"] == "ce" and flat["data.name"] == "movies"
