@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from safetensors.torch import save_model
 
 from orchestrator.config import RunConfig
 from orchestrator.data import build_dataset, load_built
@@ -21,6 +22,7 @@ from orchestrator.models import digit_token_ids, load_model_and_tokenizer, resol
 from orchestrator.tracking import RunLogger, finish_run, resolve_tracking_uri, start_or_resume_run
 
 STATE_FILE = "orchestrator_state.json"
+REFERENCE_FILE = "reference.safetensors"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -89,11 +91,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if index < start_stage:
             continue
 
-        def checkpoint(engine_, step: int, metrics: dict[str, float], _index=index) -> None:
+        extra: dict[str, Any] = {}
+
+        def checkpoint(engine_, step: int, metrics: dict[str, float], _index=index, _extra=extra) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 engine_.save_checkpoint(tmp, tag="ckpt")
                 if rank == 0:
                     (Path(tmp) / STATE_FILE).write_text(json.dumps({"stage_index": _index, "step": step}))
+                    if _extra.get("reference") is not None:  # GRPO's frozen start-of-stage policy
+                        save_model(_extra["reference"], str(Path(tmp) / REFERENCE_FILE))
                 ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
 
         ctx = StageContext(
@@ -109,6 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             global_step_offset=offset,
             log=log,
             checkpoint=checkpoint,
+            extra=extra,
         )
         resuming = index == start_stage and resume_dir is not None
         engine = _stage_runner(stage.kind)(

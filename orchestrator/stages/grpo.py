@@ -1,0 +1,204 @@
+"""One GRPO stage (METHODS §4): rollout, reward, advantage, clipped policy update — on the same
+DeepSpeed workers as SFT.
+
+Per optimizer step, each worker:
+1. takes its B prompts and samples G completions each in ONE batched, KV-cached `generate` call;
+2. parses them and computes the weighted reward terms (batch-level CCC over the worker's own
+   minibatch, or over the whole step's batch gathered from all workers: `ccc_scope`);
+3. turns rewards into group-normalised advantages;
+4. computes old-policy (and, when beta > 0, reference) log-probs once per rollout batch;
+5. runs `num_iterations` clipped-objective updates, normalising the loss over the GLOBAL batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from safetensors.torch import load_model
+
+from orchestrator.config import GRPOStage
+from orchestrator.data.collate import chat_prompt_ids, micro_batch_indices, pad_batch
+from orchestrator.evaluate import parse_answer
+from orchestrator.generation import decode_completions, generate
+from orchestrator.grpo import group_advantages, grpo_loss_terms
+from orchestrator.rewards import RewardContext, compute_rewards
+from orchestrator.stages.common import StageContext, all_gather_objects, all_reduce_sum, build_engine, full_parameters
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = 1..T-1, shape [N, T-1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def build_sequences(prompt_ids: list[list[int]], completions: list[list[int]], group_size: int, pad_id: int):
+    """Right-padded prompt+completion rows and the mask of completion positions (aligned to t = 1..T-1)."""
+    rows, comp_mask = [], []
+    for j, completion in enumerate(completions):
+        prompt = prompt_ids[j // group_size]
+        rows.append(prompt + completion)
+        comp_mask.append([0] * len(prompt) + [1] * len(completion))
+    input_ids = pad_batch(rows, pad_id)
+    attention_mask = pad_batch([[1] * len(r) for r in rows], 0)
+    mask = pad_batch(comp_mask, 0)[:, 1:].float()
+    return input_ids, attention_mask, mask
+
+
+def global_rollout(parsed: list[list[float | None]], targets: list[float], texts, columns):
+    """All workers' minibatches in rank order, and where this worker's slice sits in it."""
+    parts = all_gather_objects((parsed, targets, texts, columns))
+    offsets = np.cumsum([0] + [len(p[1]) for p in parts])
+    merged = [sum((p[i] for p in parts), []) for i in range(3)]
+    merged_columns = {k: sum((p[3][k] for p in parts), []) for k in parts[0][3]}
+    return merged, merged_columns, offsets
+
+
+def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, resume_dir: str | None = None):
+    reference = None
+    if stage.beta > 0:
+        # Frozen copy of the stage's starting policy: no grads, no optimizer state.
+        reference = copy.deepcopy(ctx.model).eval()
+        reference.requires_grad_(False)
+    engine = build_engine(ctx.model, stage, ctx.cfg)
+    if resume_dir is not None:
+        engine.load_checkpoint(resume_dir, tag="ckpt")
+        if reference is not None:
+            # The reference is the policy at the START of this stage, which the checkpoint holds separately.
+            load_model(reference, f"{resume_dir}/reference.safetensors")
+    ctx.extra["reference"] = reference
+
+    ds = ctx.dataset
+    train = ds.load("train")
+    prompts = train.column("prompt").to_pylist()
+    targets_all = np.asarray(train.column("target").to_pylist(), dtype=np.float64)
+    extra_cols = [c for c in train.column_names if c not in ("prompt",)]
+    columns_all = {c: train.column(c).to_pylist() for c in extra_cols}
+    B, G = stage.micro_batch_size, stage.group_size
+    seed = ctx.cfg.seed + 1000 * ctx.stage_index
+    terms = [(t.name, t.weight) for t in stage.rewards]
+    tok = ctx.tokenizer
+    timings: dict[str, float] = defaultdict(float)
+    window: dict[str, list[float]] = defaultdict(list)
+
+    for step in range(start_step, stage.steps):
+        t_step = time.perf_counter()
+        idx = micro_batch_indices(len(prompts), seed, step, 0, 1, ctx.rank, ctx.world_size, B)
+        prompt_ids = [chat_prompt_ids(tok, prompts[i]) for i in idx]
+        targets = targets_all[idx].tolist()
+        columns = {c: [columns_all[c][i] for i in idx] for c in extra_cols}
+
+        # 1. rollout: B prompts x G samples, one generate call
+        t0 = time.perf_counter()
+        with full_parameters(engine) as module:
+            completions = generate(
+                module, tok, prompt_ids, max_new_tokens=stage.max_new_tokens, do_sample=True,
+                temperature=stage.temperature, top_p=stage.top_p, num_return_sequences=G, device=ctx.device,
+            )
+        texts_flat = decode_completions(tok, completions)
+        texts = [texts_flat[i * G : (i + 1) * G] for i in range(B)]
+        parsed = [[parse_answer(t) for t in group] for group in texts]
+        timings["generation"] += time.perf_counter() - t0
+
+        # 2. rewards (batch-level terms see the worker's minibatch or the global one)
+        t0 = time.perf_counter()
+        if stage.ccc_scope == "global" and ctx.world_size > 1:
+            (g_parsed, g_targets, g_texts), g_columns, offsets = global_rollout(parsed, targets, texts, columns)
+            lo, hi = offsets[ctx.rank], offsets[ctx.rank + 1]
+        else:
+            g_parsed, g_targets, g_texts, g_columns, lo, hi = parsed, targets, texts, columns, 0, B
+        rctx = RewardContext(
+            texts=g_texts, parsed=g_parsed, targets=g_targets, label_min=ds.label_min, label_max=ds.label_max,
+            stage=stage, columns=g_columns,
+        )
+        total, per_term = compute_rewards(terms, rctx)
+        rewards = torch.tensor([r for group in total[lo:hi] for r in group], dtype=torch.float32)
+        advantages = group_advantages(rewards, G, scale=stage.scale_rewards).to(ctx.device)
+        timings["reward"] += time.perf_counter() - t0
+
+        # 3. old-policy and reference log-probs, once per rollout batch
+        t0 = time.perf_counter()
+        input_ids, attention_mask, mask = build_sequences(prompt_ids, completions, G, tok.pad_token_id)
+        input_ids, attention_mask, mask = input_ids.to(ctx.device), attention_mask.to(ctx.device), mask.to(ctx.device)
+        chunks = np.array_split(np.arange(B * G), stage.grad_accum)
+        with torch.no_grad():
+            old_logp = torch.cat([token_logprobs(engine, input_ids[c], attention_mask[c]) for c in chunks])
+            ref_logp = None
+            if reference is not None:
+                ref_logp = torch.cat([token_logprobs(reference, input_ids[c], attention_mask[c]) for c in chunks])
+        timings["logprobs"] += time.perf_counter() - t0
+
+        # 4. clipped-objective updates, normalised over the whole step's batch across workers
+        local_norm = float(mask.sum()) if stage.loss_aggregation == "token_mean" else float(B * G)
+        (global_norm,) = all_reduce_sum([local_norm], ctx.device)
+        scale = ctx.world_size * stage.grad_accum / max(global_norm, 1.0)
+        stats = defaultdict(float)
+        for _ in range(stage.num_iterations):
+            t0 = time.perf_counter()
+            for c in chunks:
+                logp = token_logprobs(engine, input_ids[c], attention_mask[c])
+                out = grpo_loss_terms(
+                    logp, old_logp[c], None if ref_logp is None else ref_logp[c], advantages[c], mask[c],
+                    beta=stage.beta, kl_estimator=stage.kl_estimator, eps_low=stage.epsilon_low,
+                    eps_high=stage.epsilon_high, aggregation=stage.loss_aggregation,
+                )
+                engine.backward(out["loss_sum"] * scale)
+                t1 = time.perf_counter()
+                timings["forward_backward"] += t1 - t0
+                engine.step()
+                timings["optimizer"] += time.perf_counter() - t1
+                t0 = time.perf_counter()
+                weight = float(mask[c].sum())
+                stats["loss"] += float(out["loss_sum"].detach())
+                stats["kl"] += float(out["kl_mean"]) * weight
+                stats["clip"] += float(out["clip_fraction"]) * weight
+                stats["tokens"] += weight
+
+        # 5. statistics for this step (summed over workers so rank 0 logs the global picture)
+        flat_parsed = [p for group in parsed for p in group]
+        ok = [p for p in flat_parsed if p is not None]
+        local = [
+            float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()),
+            float(advantages.std()) if advantages.numel() > 1 else 0.0,
+            stats["kl"] / max(stats["tokens"], 1.0), stats["clip"] / max(stats["tokens"], 1.0),
+            float(len(flat_parsed) - len(ok)), float(mask.sum()) / (B * G),
+            float(np.std(ok)) if len(ok) > 1 else 0.0, float(np.std(targets)) if len(targets) > 1 else 0.0,
+            stats["loss"] / max(global_norm, 1.0) / stage.num_iterations,
+        ]
+        for name, values in per_term.items():
+            vals = [r for group in values[lo:hi] for r in group]
+            local.append(float(np.sum(vals)))
+        g = all_reduce_sum(local, ctx.device)
+        w = float(ctx.world_size)
+        n = max(g[2], 1.0)
+        mean = g[0] / n
+        window["reward/mean"].append(mean)
+        window["reward/std"].append(float(np.sqrt(max(g[1] / n - mean**2, 0.0))))
+        window["advantage/std"].append(g[3] / w)
+        window["kl"].append(g[4] / w)
+        window["clip_fraction"].append(g[5] / w)
+        window["parse_fail_rate"].append(g[6] / n)
+        window["completion_length"].append(g[7] / w)
+        window["pred_std_over_label_std"].append((g[8] / g[9]) if g[9] > 0 else float("nan"))
+        window["loss"].append(g[10])
+        for k, name in enumerate(per_term):
+            window[f"reward/{name}"].append(g[11 + k] / n)
+        window["effective_batch_prompts"].append(float(len(g_targets)))
+        timings["step"] += time.perf_counter() - t_step
+
+        done = step + 1
+        if done % ctx.cfg.tracking.log_every == 0 or done == stage.steps:
+            metrics = {f"train/{k}": float(np.nanmean(v)) for k, v in window.items()}
+            steps_in_window = len(window["loss"])
+            metrics.update({f"time/{k}_s": v / steps_in_window for k, v in timings.items()})
+            metrics["train/lr"] = engine.get_lr()[0]
+            metrics["train/stage"] = float(ctx.stage_index)
+            ctx.log(metrics, ctx.global_step_offset + done)
+            window.clear()
+            timings.clear()
+        if done % ctx.cfg.checkpoint.every_steps == 0 or done == stage.steps:
+            ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
+    return engine

@@ -1,0 +1,114 @@
+"""The DIR datasets on the real packaged data: splits, balance, regions, determinism, bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.config import DataConfig
+from orchestrator.data import DATASETS, DataError, DatasetSpec, build_dataset, describe, dir_split, load_built
+from orchestrator.data.protocol import bin_counts, label_bins, region_of_count, shot_regions
+
+
+@pytest.fixture(scope="module")
+def movies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return build_dataset(DataConfig(name="movies", root=str(root), train_size=2000, max_per_label=5))
+
+
+def test_protocol_primitives_by_hand():
+    assert label_bins([0.3, 0.29, 2.0, 2.99], 0.1).tolist() == [3, 2, 20, 29]
+    assert label_bins([499, 500, 1499], 500).tolist() == [0, 1, 2]
+    assert bin_counts([1, 1, 2, 5], 1) == {1: 2, 2: 1, 5: 1}
+    assert [region_of_count(c) for c in (101, 100, 20, 19, 0)] == ["many", "medium", "medium", "few", "few"]
+    assert shot_regions([1, 2, 9], {1: 3, 2: 1}, 1, many=2, few=2).tolist() == ["many", "few", "few"]
+
+
+def test_dir_split_by_hand():
+    # bin 0 has 9 rows -> val 3, test 3, train 3; bin 1 has 2 rows -> never in val/test
+    targets = np.array([0.0] * 9 + [1.0] * 2)
+    rows = dir_split(targets, 1.0, max_per_label=5, seed=0)
+    assert (len(rows["val"]), len(rows["test"]), len(rows["train"])) == (3, 3, 5)
+    assert set(rows["train"]) >= {9, 10}
+
+
+def test_movies_splits_follow_the_dir_protocol(movies):
+    train, val, test = (movies.load(s).to_pandas() for s in ("train", "val", "test"))
+    assert len(train) == 2000
+    assert set(train.target) <= set(range(10, 101))
+    for split in (val, test):
+        per_bin = split.groupby("bin").size()
+        assert per_bin.max() <= 5  # balanced
+    assert not (set(train.id) & set(val.id)) and not (set(val.id) & set(test.id)) and not (set(train.id) & set(test.id))
+    # regions are recomputed from the training counts
+    counts = train.groupby("bin").size().to_dict()
+    for frame in (train, val, test):
+        expected = [region_of_count(counts.get(b, 0), 100, 20) for b in frame.bin]
+        assert frame.region.tolist() == expected
+    # the training split keeps the long tail: the middle ratings dominate
+    assert train.target.between(50, 80).mean() > 0.5
+    assert movies.meta["sizes"] == {"train": 2000, "val": len(val), "test": len(test)}
+
+
+def test_prompts_do_not_leak_the_label(movies):
+    prompt = movies.load("train").column("prompt")[0].as_py()
+    assert "Title:" in prompt and prompt.endswith("Answer with <answer>NUMBER</answer>.")
+    assert "votes" not in prompt.lower() and "r1" not in prompt.lower()
+
+
+def test_builds_are_deterministic_cached_and_forced(tmp_path, movies):
+    cfg = DataConfig(name="movies", root=str(tmp_path), train_size=500, max_per_label=3, seed=7)
+    a = build_dataset(cfg)
+    b = build_dataset(cfg)
+    assert a.path == b.path and a.load("train").equals(b.load("train"))
+    mtime = (a.path / "train.parquet").stat().st_mtime_ns
+    build_dataset(cfg)
+    assert (a.path / "train.parquet").stat().st_mtime_ns == mtime  # reused
+    c = build_dataset(cfg, force=True)
+    assert c.load("test").equals(a.load("test"))  # same seed, same split
+    other = build_dataset(cfg.model_copy(update={"seed": 8}))
+    assert not other.load("train").column("id").equals(a.load("train").column("id"))
+    assert not list(tmp_path.glob("movies/.build-*"))  # no temporary folders left
+
+
+def test_diamonds_and_doctor_visits(tmp_path):
+    d = build_dataset(DataConfig(name="diamonds", root=str(tmp_path), label_step=1000, train_size=1000, max_per_label=5))
+    assert d.label_step == 1000
+    assert (d.load("val").to_pandas().bin == d.load("val").to_pandas().target // 1000).all()
+    v = build_dataset(DataConfig(name="doctor-visits", root=str(tmp_path), max_per_label=10))
+    train = v.load("train").to_pandas()
+    assert train.target.value_counts().idxmax() == 0  # zero-inflated
+    assert "outpatient visits" in describe(v)
+
+
+def test_describe_prints_histogram_and_regions(movies):
+    text = describe(movies)
+    assert "train" in text and "many" in text and "#" in text
+    assert len(text.splitlines()) < 70
+
+
+def test_bad_input_gets_specific_errors(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="unknown dataset 'nope'; registered: diamonds, doctor-visits, movies"):
+        build_dataset(DataConfig(name="nope", root=str(tmp_path)))
+    with pytest.raises(DataError, match="no built dataset"):
+        load_built(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (pd.DataFrame({"id": [0], "prompt": ["p"]}), "missing column 'target'"),
+        (pd.DataFrame({"id": [0, 1], "prompt": ["p", "q"], "target": [1.0, "many"]}), "non-numeric target 'many' in row 1"),
+        (pd.DataFrame({"id": [0], "prompt": ["p"], "target": [None]}), "missing target in row 0"),
+    ],
+)
+def test_bad_frames(tmp_path, monkeypatch, frame, message):
+    monkeypatch.setitem(DATASETS, "broken", DatasetSpec("broken", lambda: frame, 1.0, "d", "t"))
+    with pytest.raises(DataError, match=message):
+        build_dataset(DataConfig(name="broken", root=str(tmp_path)))
+
+
+def test_empty_split_is_refused(tmp_path, monkeypatch):
+    frame = pd.DataFrame({"id": range(4), "prompt": ["p"] * 4, "target": [1.0, 2.0, 3.0, 4.0]})  # every bin < 3 rows
+    monkeypatch.setitem(DATASETS, "sparse", DatasetSpec("sparse", lambda: frame, 1.0, "d", "t"))
+    with pytest.raises(DataError, match="the val split is empty; lower data.max_per_label"):
+        build_dataset(DataConfig(name="sparse", root=str(tmp_path)))
