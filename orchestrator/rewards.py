@@ -1,0 +1,164 @@
+"""GRPO rewards (METHODS §4): plain functions on numbers, no torch.
+
+A run's reward is a weighted sum of named terms; each term is logged on its own. A term is either
+per-sample or batch-level (CCC needs the whole minibatch). Every reward function has the same
+signature, `fn(ctx: RewardContext) -> B lists of G floats`; users can name their own as
+`module:function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.evaluate import parse_answer
+
+Grid = list[list[float]]
+
+
+@dataclass
+class RewardContext:
+    texts: Sequence[Sequence[str]]  # B prompts x G completions
+    parsed: Sequence[Sequence[float | None]]
+    targets: Sequence[float]
+    label_min: float
+    label_max: float
+    stage: Any = None  # the GRPOStage config (mae form and scale, accuracy tolerance)
+    columns: dict[str, list] = field(default_factory=dict)  # the dataset's columns per prompt
+
+    @property
+    def label_range(self) -> float:
+        return max(self.label_max - self.label_min, 1e-12)
+
+
+REWARDS: dict[str, Callable[[RewardContext], Grid]] = {}
+
+
+def register_reward(name: str):
+    def wrap(fn):
+        REWARDS[name] = fn
+        return fn
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- pure maths
+
+
+def ccc(x: Sequence[float], y: Sequence[float]) -> float:
+    """Concordance correlation 2·cov / (var x + var y + (μx − μy)²), population statistics.
+    0.0 for empty input, a zero denominator or a non-finite result."""
+    n = len(x)
+    if n == 0 or n != len(y):
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    vx = sum((a - mx) ** 2 for a in x) / n
+    vy = sum((b - my) ** 2 for b in y) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y)) / n
+    denom = vx + vy + (mx - my) ** 2
+    if denom == 0:
+        return 0.0
+    value = 2 * cov / denom
+    return value if math.isfinite(value) else 0.0
+
+
+def batch_ccc_rewards(preds: Sequence[Sequence[float | None]], targets: Sequence[float]) -> Grid:
+    """CCC reward of every sample: for prompt i, sample g, CCC over x = [ŷ_ig, m_j for j ≠ i],
+    y = [y_i, y_j for j ≠ i], where m_j is the mean of prompt j's parsed samples (prompts with none
+    contribute nothing). A parse failure gets 0."""
+    means = [
+        (sum(v for v in group if v is not None) / n) if (n := sum(v is not None for v in group)) else None
+        for group in preds
+    ]
+    out: Grid = []
+    for i, group in enumerate(preds):
+        others_x = [m for j, m in enumerate(means) if j != i and m is not None]
+        others_y = [targets[j] for j, m in enumerate(means) if j != i and m is not None]
+        out.append([0.0 if v is None else ccc([v, *others_x], [targets[i], *others_y]) for v in group])
+    return out
+
+
+def mae_reward(pred: float | None, target: float, *, form: str, label_range: float, scale: float | None = None) -> float:
+    """neg_range: −|ŷ − y| / range (a failure gets −1); one_minus_scaled: 1 − min(1, |ŷ − y| / scale)
+    (a failure gets 0)."""
+    if form == "neg_range":
+        return -1.0 if pred is None else -abs(pred - target) / label_range
+    if form == "one_minus_scaled":
+        return 0.0 if pred is None else 1.0 - min(1.0, abs(pred - target) / (scale or label_range))
+    raise ValueError(f"unknown mae reward form {form!r}; allowed: neg_range, one_minus_scaled")
+
+
+def accuracy_reward(pred: float | None, target: float, tolerance: float = 0.0) -> float:
+    return 1.0 if pred is not None and abs(pred - target) <= tolerance + 1e-9 else 0.0
+
+
+def format_reward(text: str, parsed: float | None, label_min: float, label_max: float) -> float:
+    """0.5 when the completion is in the answer format and the number lies in the label range."""
+    ok = parsed is not None and parse_answer(text) is not None and label_min <= parsed <= label_max
+    return 0.5 if ok else 0.0
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@register_reward("ccc")
+def _ccc(ctx: RewardContext) -> Grid:
+    return batch_ccc_rewards(ctx.parsed, ctx.targets)
+
+
+@register_reward("mae")
+def _mae(ctx: RewardContext) -> Grid:
+    form = getattr(ctx.stage, "mae_reward_form", "neg_range")
+    scale = getattr(ctx.stage, "mae_scale", None)
+    return [
+        [mae_reward(p, y, form=form, label_range=ctx.label_range, scale=scale) for p in group]
+        for group, y in zip(ctx.parsed, ctx.targets)
+    ]
+
+
+@register_reward("accuracy")
+def _accuracy(ctx: RewardContext) -> Grid:
+    tol = getattr(ctx.stage, "accuracy_tolerance", 0.0)
+    return [[accuracy_reward(p, y, tol) for p in group] for group, y in zip(ctx.parsed, ctx.targets)]
+
+
+@register_reward("format")
+def _format(ctx: RewardContext) -> Grid:
+    return [
+        [format_reward(t, p, ctx.label_min, ctx.label_max) for t, p in zip(texts, parsed)]
+        for texts, parsed in zip(ctx.texts, ctx.parsed)
+    ]
+
+
+def resolve_reward(name: str) -> Callable[[RewardContext], Grid]:
+    """A registered name, or `package.module:function` for a user's own reward."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}, or module:function")
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import reward {name!r}: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"reward {name!r} is not callable")
+    return fn
+
+
+def compute_rewards(terms: Sequence[tuple[str, float]], ctx: RewardContext) -> tuple[Grid, dict[str, Grid]]:
+    """(weighted total, each term's own values), every grid B x G."""
+    shape = [len(g) for g in ctx.parsed]
+    per_term: dict[str, Grid] = {}
+    for name, _ in terms:
+        values = resolve_reward(name)(ctx)
+        if [len(g) for g in values] != shape:
+            raise ValueError(f"reward {name!r} returned groups of sizes {[len(g) for g in values]}, expected {shape}")
+        per_term[name] = [[float(v) for v in g] for g in values]
+    total = [
+        [sum(w * per_term[name][i][k] for name, w in terms) for k in range(n)] for i, n in enumerate(shape)
+    ]
+    return total, per_term
