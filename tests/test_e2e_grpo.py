@@ -1,0 +1,48 @@
+"""End to end: SFT -> GRPO chains on the same 2 Ray Train workers (tiny model, CPU)."""
+
+import math
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.train import run_training
+from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+
+pytestmark = pytest.mark.e2e
+
+GRPO_SMALL = [
+    "pipeline.0.steps=20", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8",
+    "pipeline.1.steps=4", "pipeline.1.micro_batch_size=3", "pipeline.1.group_size=3",
+    "pipeline.1.max_new_tokens=10", "pipeline.1.lr=1e-4", "tracking.log_every=2", "checkpoint.every_steps=100",
+]
+
+
+@pytest.mark.parametrize("scope", ["worker", "global"])
+def test_sft_then_grpo_ccc(tmp_path, ray_cluster, scope):
+    cfg = make_cfg(tmp_path, f"name=ccc-{scope}", "pipeline=sft:ce -> grpo:ccc+format", *GRPO_SMALL,
+                   f"pipeline.1.ccc_scope={scope}")
+    out = run_training(cfg)
+    client = MlflowClient(out.tracking_uri)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    # GRPO steps continue the SFT step count: SFT logs at 2..20, GRPO at 22 and 24
+    steps = [s for s, _ in metric_history(out.tracking_uri, out.run_id, "train/reward/ccc")]
+    assert steps == [22, 24]
+    # worker scope: each worker's minibatch (B=3); global: the whole step's batch (2 workers x 3)
+    assert m["train/effective_batch_prompts"] == (3 if scope == "worker" else 6)
+    for key in ("train/reward/mean", "train/reward/format", "train/kl", "train/clip_fraction",
+                "train/parse_fail_rate", "train/completion_length", "time/generation_s", "time/reward_s",
+                "time/forward_backward_s", "time/optimizer_s", "test/few/mae", "val/all/mae"):
+        assert key in m and math.isfinite(m[key]), key
+    assert run.data.params["pipeline.1.ccc_scope"] == scope
+    assert run.data.params["pipeline"] == "sft:ce -> grpo:ccc+format"
+
+
+def test_grpo_mae_without_reference(tmp_path, ray_cluster):
+    cfg = make_cfg(tmp_path, "name=mae", "pipeline=sft:ce -> grpo:mae", *GRPO_SMALL, "pipeline.1.beta=0")
+    out = run_training(cfg)
+    m = MlflowClient(out.tracking_uri).get_run(out.run_id).data.metrics
+    assert m["train/kl"] == 0.0  # beta = 0: no reference model, no KL term
+    assert -1.0 <= m["train/reward/mae"] <= 0.0
+    assert math.isfinite(m["test/all/mae"])
