@@ -192,7 +192,7 @@ def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures:
             train_loop_config={
                 "config": cfg.model_dump(mode="json"),
                 "model_source": model_source,
-                "dataset_path": str(built.path),
+                "dataset_path": str(built.path.resolve()),  # workers run in another cwd
                 "tracking_uri": uri,
                 "run_id": run_id,
             },
