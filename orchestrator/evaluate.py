@@ -1,7 +1,16 @@
 """Parsing model output and the DIR metrics (METHODS §1–2), pure numpy.
 
-Malformed output is data: `parse_answer` returns None for it and the parse-failure policy decides
-what that sample counts as.
+Malformed output is data, never an exception: `parse_answer` returns None for it and the
+parse-failure policy decides what that sample counts as.
+
+Choices where METHODS is silent:
+- The number grammar is ``[+-]? digits [. digits] [e[+-]digits]`` (also ``.5`` and ``5.``); a comma ends
+  a number (``1,234`` reads as 1), and ``nan`` / ``inf`` are not numbers.
+- Only complete ``<answer>...</answer>`` blocks count (tags are case-sensitive); an unclosed tag is no block.
+- ``exact`` is the rate of |e| < label_step / 2 (a hit at the label resolution); GM floors |e| at the
+  same half step so an exact hit does not collapse it to 0.
+- Correlations are NaN when either side has zero variance (or fewer than 2 samples); CCC follows the
+  reward's rules (0.0 when undefined) so the metric and the reward agree.
 """
 
 from __future__ import annotations
@@ -10,44 +19,55 @@ import math
 import re
 
 import numpy as np
-from scipy.stats import rankdata
 
 from orchestrator.data.protocol import bin_counts, shot_regions
 
-ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 PARSE_POLICIES = ("penalty", "exclude", "random")
+REGIONS = ("all", "many", "medium", "few")
+
+
+# --------------------------------------------------------------------------- parsing
 
 
 def parse_answer(text) -> float | None:
-    """The first number inside the LAST `<answer>...</answer>` block; None for anything else."""
+    """The first number inside the LAST complete `<answer>...</answer>` block; None for anything else
+    (no block, no number, a non-finite value, a non-string input)."""
     if not isinstance(text, str):
         return None
-    blocks = ANSWER_BLOCK.findall(text)
+    blocks = ANSWER_RE.findall(text)
     if not blocks:
         return None
-    match = NUMBER.search(blocks[-1])
+    match = NUMBER_RE.search(blocks[-1])
     if match is None:
         return None
     try:
         value = float(match.group())
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError):  # the grammar should prevent this; malformed text must not crash
         return None
-    return value if math.isfinite(value) else None
+    return value if math.isfinite(value) else None  # a 400-digit number overflows to inf
 
 
 def format_answer(value: float, decimals: int = 0) -> str:
-    """The completion the model is trained to write: `<answer>42</answer>`."""
-    text = f"{int(round(value))}" if decimals == 0 else f"{value:.{decimals}f}"
+    """The completion SFT trains on: `<answer>42</answer>`; no decimal point when decimals == 0."""
+    if not math.isfinite(value):
+        raise ValueError(f"cannot format a non-finite answer: {value}")
+    if decimals < 0:
+        raise ValueError(f"decimals must be >= 0, got {decimals}")
+    text = f"{round(value):d}" if decimals == 0 else f"{value:.{decimals}f}"
     return f"<answer>{text}</answer>"
 
 
 def resolve_parse_failures(parsed, targets, policy: str, label_min: float, label_max: float, seed: int = 0):
-    """(predictions, kept mask). penalty: the label-range end farthest from the target (the worst error);
-    exclude: dropped from the metrics; random: uniform over the label range (the official CCC-GRPO code)."""
+    """(predictions, kept mask), both numpy arrays of len(parsed). Parse failures become:
+    penalty: the label-range end farther from the target (the worst error; label_min on a tie);
+    exclude: dropped (kept False); random: uniform over [label_min, label_max] (the official CCC-GRPO code)."""
     if policy not in PARSE_POLICIES:
         raise ValueError(f"unknown parse-failure policy {policy!r}; allowed: {', '.join(PARSE_POLICIES)}")
     targets = np.asarray(targets, dtype=np.float64)
+    if len(parsed) != len(targets):
+        raise ValueError(f"{len(parsed)} parsed values but {len(targets)} targets")
     failed = np.array([p is None for p in parsed], dtype=bool)
     preds = np.array([np.nan if p is None else float(p) for p in parsed], dtype=np.float64)
     kept = np.ones(len(preds), dtype=bool)
@@ -61,17 +81,29 @@ def resolve_parse_failures(parsed, targets, policy: str, label_min: float, label
     return preds, kept
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+# --------------------------------------------------------------------------- metrics
+
+
+def _constant(x: np.ndarray) -> bool:
+    # max == min, not std == 0: the float std of [0.1, 0.1, 0.1] is 1e-17, not 0.
+    return len(x) == 0 or bool(np.ptp(x) == 0)
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; NaN with fewer than 2 samples or a constant side."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or _constant(x) or _constant(y):
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def concordance(x: np.ndarray, y: np.ndarray) -> float:
-    """CCC with population statistics; 0 when undefined (same rule as the CCC reward)."""
-    from orchestrator.rewards import ccc
+def spearman(x, y) -> float:
+    """Pearson correlation of the average ranks (ties share their mean rank)."""
+    from scipy.stats import rankdata  # lazy: rewards imports this module and must stay light
 
-    return ccc(x.tolist(), y.tolist())
+    if len(x) < 2:
+        return float("nan")
+    return pearson(rankdata(x), rankdata(y))
 
 
 def _region_errors(errors: np.ndarray, floor: float) -> dict[str, float]:
@@ -85,32 +117,36 @@ def _region_errors(errors: np.ndarray, floor: float) -> dict[str, float]:
 
 
 def dir_metrics(preds, targets, train_targets, *, label_step: float = 1.0, many: int = 100, few: int = 20) -> dict[str, float]:
-    """MAE, GM (errors floored at label_step/2) and count per region all/many/medium/few, plus on all:
-    RMSE, Pearson, Spearman, CCC, std ratio (regression-to-the-mean diagnostic), exact-hit rate."""
+    """`{region}/{mae,gm,count}` for region in all/many/medium/few (regions from the TRAINING counts
+    per bin), plus all/rmse, pearson, spearman, ccc, std_ratio (population std pred / std target, the
+    regression-to-the-mean diagnostic) and exact. Empty region: mae and gm NaN, count 0."""
+    from orchestrator.rewards import ccc  # lazy: rewards imports parse_answer from here
+
     preds = np.asarray(preds, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64)
-    if preds.shape != targets.shape:
-        raise ValueError(f"preds {preds.shape} and targets {targets.shape} differ in shape")
+    if preds.shape != targets.shape or preds.ndim != 1:
+        raise ValueError(f"preds {preds.shape} and targets {targets.shape} differ in shape (or are not 1-D)")
     errors = np.abs(preds - targets)
     floor = label_step / 2
     regions = shot_regions(targets, bin_counts(train_targets, label_step), label_step, many, few)
     out: dict[str, float] = {}
-    for region in ("all", "many", "medium", "few"):
+    for region in REGIONS:
         sel = np.ones(len(errors), bool) if region == "all" else regions == region
         out.update({f"{region}/{k}": v for k, v in _region_errors(errors[sel], floor).items()})
     n = len(errors)
-    out["all/rmse"] = float(np.sqrt((errors**2).mean())) if n else float("nan")
+    nan = float("nan")
+    out["all/rmse"] = float(np.sqrt((errors**2).mean())) if n else nan
     out["all/pearson"] = pearson(preds, targets)
-    out["all/spearman"] = pearson(rankdata(preds), rankdata(targets)) if n else float("nan")
-    out["all/ccc"] = concordance(preds, targets) if n else float("nan")
-    out["all/std_ratio"] = float(preds.std() / targets.std()) if n and targets.std() > 0 else float("nan")
-    out["all/exact"] = float((errors < floor).mean()) if n else float("nan")
+    out["all/spearman"] = spearman(preds, targets)
+    out["all/ccc"] = ccc(preds.tolist(), targets.tolist()) if n else nan
+    out["all/std_ratio"] = nan if _constant(targets) else float(preds.std() / targets.std())
+    out["all/exact"] = float((errors < floor).mean()) if n else nan
     return out
 
 
 def evaluate_texts(texts, targets, train_targets, *, label_step, many, few, policy, label_min, label_max, seed=0):
-    """Parse every completion, apply the parse-failure policy, compute the DIR metrics.
-    Returns (metrics with `all/parse_fail_rate`, parsed values with None for failures)."""
+    """Parse every completion, apply the parse-failure policy, compute dir_metrics on the kept
+    predictions, and add `all/parse_fail_rate` (over ALL samples). Returns (metrics, parsed values)."""
     parsed = [parse_answer(t) for t in texts]
     preds, kept = resolve_parse_failures(parsed, targets, policy, label_min, label_max, seed)
     targets = np.asarray(targets, dtype=np.float64)
