@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,6 +22,16 @@ class ConfigError(ValueError):
     """A user error in a config file or override, raised before any compute starts."""
 
 
+def resolve_path(path: str | Path) -> Path:
+    """Absolute paths stay; relative ones (data.root, storage_path, ./mlruns) are taken against
+    $ORCHESTRATOR_HOME when set, else the current directory. A `ray job submit` driver runs in a copy
+    of the working dir, so the scripts in infra/ set ORCHESTRATOR_HOME to keep results in the checkout."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return (Path(os.environ.get("ORCHESTRATOR_HOME") or Path.cwd()) / p).resolve()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -28,10 +39,102 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------- data
 
 
+class DigitCountConfig(_Strict):
+    """The constructed `digit-count` task: canvases of K real handwritten digits (scikit-learn's digits),
+    K drawn from a truncated power law P(K) ∝ K^-power over 1..max_digits, labelled by K."""
+
+    num_images: int = Field(4000, ge=1, description="Canvases generated before the DIR split.")
+    max_digits: int = Field(20, ge=1, description="K_max: the largest count.")
+    power: float = Field(1.5, ge=0, description="Exponent a of P(K) ∝ K^-a; 0 is uniform, larger is more long-tailed.")
+    canvas_size: int = Field(128, ge=8, description="Square canvas side in pixels.")
+    digit_size: int = Field(16, ge=8, description="Side in pixels of each digit (the 8x8 originals are upscaled).")
+    min_gap: int = Field(4, ge=1, description="Blank pixels at least between two digits, so none touch or overlap.")
+    seed: int = Field(0, description="Seed of the generation (counts, digits, positions); data.seed cuts the splits.")
+
+    def grid_side(self) -> int:
+        """Digits sit in distinct cells of a grid, which is what guarantees they never overlap."""
+        return self.canvas_size // (self.digit_size + self.min_gap)
+
+    @model_validator(mode="after")
+    def _digits_fit(self) -> "DigitCountConfig":
+        cells = self.grid_side() ** 2
+        if self.max_digits > cells:
+            raise ValueError(
+                f"max_digits ({self.max_digits}) does not fit: a {self.canvas_size}px canvas holds {cells} digits of "
+                f"{self.digit_size}px with min_gap {self.min_gap}; raise canvas_size or lower digit_size/max_digits"
+            )
+        return self
+
+
+class ManifestConfig(_Strict):
+    """An external DIR dataset (AgeDB-DIR, IMDB-WIKI-DIR, ...) listed in a Parquet, JSONL or CSV manifest.
+
+    One row per sample: an image as a path (`image_path_column`) or as encoded bytes (`image_bytes_column`;
+    base64 text in JSONL/CSV), an optional prompt, a numeric target and an optional split (train/val/test).
+    With a split column the given splits are kept; without one the DIR protocol cuts them."""
+
+    path: str | None = Field(None, description="The manifest file (.parquet, .jsonl, .csv); required for data.name=manifest.")
+    image_root: str | None = Field(None, description="Folder for relative image paths; None: the manifest's folder.")
+    prompt_template: str | None = Field(
+        None,
+        description="Prompt of rows without one; `{column}` fields are filled from the row, and the answer "
+        "instruction is appended unless it mentions <answer>. None: a generic image question.",
+    )
+    # Optional columns: None uses the conventional name when the manifest has it; a name given here
+    # must exist (a typo is an error, not a silently missing column).
+    image_path_column: str | None = Field(None, description="Column of image file paths; None: 'image_path' if present.")
+    image_bytes_column: str | None = Field(
+        None, description="Column of encoded image bytes (base64 in JSONL/CSV); None: 'image_bytes' if present."
+    )
+    prompt_column: str | None = Field(None, description="Column of prompts; None: 'prompt' if present.")
+    target_column: str = Field("target", description="Column of numeric targets (required).")
+    split_column: str | None = Field(None, description="Column of train/val/test; None: 'split' if present.")
+    description: str | None = Field(None, description="One line for `data build`; None names the file.")
+
+    def file_stamp(self) -> dict[str, Any]:
+        """Identity of the manifest file for the dataset fingerprint: a changed file is a new dataset."""
+        if self.path is None:
+            return {}
+        p = resolve_path(self.path)
+        stamp: dict[str, Any] = {"file": str(p)}
+        if self.image_root is not None:
+            stamp["image_root"] = str(resolve_path(self.image_root))
+        try:
+            st = p.stat()
+            stamp.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        except OSError:
+            stamp["missing"] = True  # the build refuses it with a clear message
+        return stamp
+
+
+def _expand_dotted(values: Any) -> Any:
+    """`{"manifest.path": x}` -> `{"manifest": {"path": x}}`, so `orchestrator data build NAME a.b=v` reaches
+    nested sections."""
+    if not isinstance(values, dict) or not any(isinstance(k, str) and "." in k for k in values):
+        return values
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        parts = key.split(".") if isinstance(key, str) else [key]
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if isinstance(child, BaseModel):
+                child = child.model_dump()
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
+            node[parts[-1]] = {**node[parts[-1]], **value}
+        else:
+            node[parts[-1]] = value
+    return out
+
+
 class DataConfig(_Strict):
     """Which dataset, and how the DIR protocol (METHODS §2) cuts it."""
 
-    name: str = Field("movies", description="Registered dataset: movies, diamonds, doctor-visits.")
+    name: str = Field(
+        "movies", description="Registered dataset: movies, diamonds, doctor-visits, digit-count, or manifest."
+    )
     root: str = Field("data", description="Folder where built Parquet splits are cached.")
     label_step: float | None = Field(
         None, gt=0, description="Bin width for labels; None takes the dataset's default."
@@ -43,6 +146,13 @@ class DataConfig(_Strict):
     many_threshold: int = Field(100, ge=1, description="A bin with more training samples than this is 'many'.")
     few_threshold: int = Field(20, ge=1, description="A bin with fewer training samples than this is 'few'.")
     seed: int = Field(0, description="Seed of the split; independent of the training seed.")
+    digit_count: DigitCountConfig = Field(default_factory=DigitCountConfig, description="Options of `digit-count`.")
+    manifest: ManifestConfig = Field(default_factory=ManifestConfig, description="Options of `manifest`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, values: Any) -> Any:
+        return _expand_dotted(values)
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> "DataConfig":
@@ -50,11 +160,18 @@ class DataConfig(_Strict):
             raise ValueError(
                 f"few_threshold ({self.few_threshold}) must not exceed many_threshold ({self.many_threshold})"
             )
+        if self.name == "manifest" and not self.manifest.path:
+            raise ValueError("data.name=manifest needs data.manifest.path (a .parquet, .jsonl or .csv file)")
         return self
 
     def fingerprint(self) -> str:
-        """Stable short hash of everything that changes the built splits (root excluded)."""
-        payload = self.model_dump(exclude={"root"})
+        """Stable short hash of everything that changes the built splits (root excluded). A section of
+        dataset options counts only for its own dataset; a manifest counts with its file's size and mtime."""
+        payload = self.model_dump(exclude={"root", "digit_count", "manifest"})
+        if self.name == "digit-count":
+            payload["digit_count"] = self.digit_count.model_dump()
+        if self.name == "manifest":
+            payload["manifest"] = {**self.manifest.model_dump(), **self.manifest.file_stamp()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -185,7 +302,7 @@ def parse_pipeline(spec: str) -> list[dict[str, Any]]:
 class EvalConfig(_Strict):
     splits: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val", "test"])
     batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="Greedy budget; the driver refuses one too short for the answer.")
     parse_failure: Literal["penalty", "exclude", "random"] = "penalty"
     max_samples: int | None = Field(None, ge=1, description="Cap per split (keeps CPU runs short).")
 

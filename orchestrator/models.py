@@ -175,27 +175,40 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_t
         return AutoModelForCausalLM.from_config(config)
 
 
+def load_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
+    """The tokenizer alone (cheap): the driver checks generation budgets with it before any worker starts."""
+    source = resolved_source or resolve_source(cfg)
+    if source == "tiny":
+        return build_digit_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {source!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    digit_token_ids(tokenizer)  # fail early on a tokenizer the digit losses cannot use
+    return tokenizer
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
     """(model, tokenizer) in fp32 on CPU; the caller moves/wraps them (DeepSpeed)."""
     source = resolved_source or resolve_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
     if source == "tiny":
-        tokenizer = build_digit_tokenizer()
         model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, use_safetensors=None
             )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot load a causal language model from {source!r}: {exc}") from exc
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = CHATML_TEMPLATE
-    digit_token_ids(tokenizer)  # fail early on a tokenizer the digit losses cannot use
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import RunConfig, flatten
+from orchestrator.config import RunConfig, flatten, resolve_path
 
 RUN_KEY_TAG = "orchestrator.run_key"
 PIPELINE_TAG = "orchestrator.pipeline"
@@ -28,7 +28,7 @@ def default_tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = Path("mlruns").resolve()
+    root = resolve_path("mlruns")
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
@@ -58,7 +58,7 @@ def ensure_experiment(client, name: str, uri: str) -> str:
 
 def run_key(cfg: RunConfig) -> str:
     """Identity of a run across restarts: same storage + name = same MLflow run."""
-    return hashlib.sha256(f"{Path(cfg.storage_path).resolve()}::{cfg.name}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{resolve_path(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
 
 
 def loggable_params(cfg: RunConfig) -> dict[str, str]:

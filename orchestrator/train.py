@@ -16,9 +16,10 @@ from typing import Any
 import pyarrow.parquet as pq
 from safetensors.torch import save_model
 
-from orchestrator.config import RunConfig
+from orchestrator.config import ConfigError, RunConfig, resolve_path
 from orchestrator.data import build_dataset, load_built
-from orchestrator.models import digit_token_ids, load_model_and_tokenizer, resolve_source
+from orchestrator.evaluate import format_answer
+from orchestrator.models import digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
 from orchestrator.tracking import RunLogger, finish_run, resolve_tracking_uri, start_or_resume_run
 
 STATE_FILE = "orchestrator_state.json"
@@ -158,11 +159,33 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=256 * 1024 * 1024,
-        include_dashboard=False,
+        # The dashboard serves Ray's State API, which Train V2's placement-group cleaner polls every
+        # second (it logs a warning per poll without it); loopback only.
+        include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env=env,
         log_to_driver=True,
     )
+
+
+def answer_token_length(tokenizer, label_min: float, label_max: float) -> int:
+    """Tokens of the longest answer in the label range, end-of-turn included."""
+    return 1 + max(
+        len(tokenizer.encode(format_answer(v), add_special_tokens=False)) for v in (label_min, label_max)
+    )
+
+
+def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_max: float) -> None:
+    """Refuse a max_new_tokens that cannot hold the answer: every sample would be a parse failure."""
+    needed = answer_token_length(tokenizer, label_min, label_max)
+    budgets = [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
+    budgets += [(f"pipeline.{i}.max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.pipeline) if s.kind == "grpo"]
+    for field, value in budgets:
+        if value < needed:
+            raise ConfigError(
+                f"{field}={value} cannot hold the answer {format_answer(label_max)!r}: it takes {needed} tokens "
+                f"(end of turn included) with this model's tokenizer; set {field}>={needed}"
+            )
 
 
 @dataclass
@@ -183,6 +206,7 @@ def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures:
 
     built = build_dataset(cfg.data)
     model_source = resolve_source(cfg.model)
+    check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
     uri = resolve_tracking_uri(cfg)
     run_id = start_or_resume_run(cfg, parent_run_id)
     try:
@@ -203,7 +227,7 @@ def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures:
             ),
             run_config=RayRunConfig(
                 name=cfg.name,
-                storage_path=str(Path(cfg.storage_path).resolve()),
+                storage_path=str(resolve_path(cfg.storage_path)),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                 failure_config=FailureConfig(max_failures=max_failures),
             ),

@@ -20,11 +20,9 @@ TINY_RUN = [
     "data.max_per_label=2",
     "data.many_threshold=12",
     "data.few_threshold=4",
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
     "eval.max_samples=48",
     "eval.batch_size=24",
-    "eval.max_new_tokens=12",
+    "eval.max_new_tokens=24",
     "tracking.log_every=5",
     "scaling.num_workers=2",
     "deepspeed.zero_stage=2",
@@ -60,21 +58,22 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster):
     cfg = make_cfg(
-        tmp_path, "name=sft", "pipeline.0.steps=40", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8",
-        "checkpoint.every_steps=20",
+        tmp_path, "name=sft", "pipeline.0.steps=60", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8",
+        "checkpoint.every_steps=30",
     )
     outcome = run_training(cfg)
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     losses = [v for _, v in metric_history(outcome.tracking_uri, outcome.run_id, "train/loss")]
-    assert len(losses) == 8 and losses[-1] < 0.6 * losses[0], losses
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0], losses
     for split in ("val", "test"):
         for region in ("all", "many", "medium", "few"):
             assert f"{split}/{region}/mae" in run.data.metrics or run.data.metrics[f"{split}/{region}/count"] == 0
             assert f"{split}/{region}/count" in run.data.metrics
     assert math.isfinite(run.data.metrics["test/few/mae"])
-    assert "test/all/parse_fail_rate" in run.data.metrics
+    # 60 steps teach the answer format: most greedy answers parse (a budget too short would make this 1.0)
+    assert run.data.metrics["test/all/parse_fail_rate"] < 0.5
     assert run.data.params["pipeline.0.loss"] == "ce"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "predictions")}
     assert artifacts == {"predictions/val.parquet", "predictions/test.parquet"}

@@ -1,4 +1,9 @@
-"""Build a dataset's DIR splits (METHODS §2) into Parquet, once per config, atomically."""
+"""Build a dataset's DIR splits (METHODS §2) into Parquet, once per config, atomically.
+
+Split schema: id int64, prompt string, target float64, bin int64, region string, and for image
+datasets `image` binary (the encoded PNG/JPEG/... bytes; `orchestrator.data.images.load_image`
+decodes one). Text datasets have no image column.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.config import DataConfig
+from orchestrator.config import DataConfig, resolve_path
+from orchestrator.data.images import summarize_images
 from orchestrator.data.protocol import REGIONS, bin_counts, label_bins, shot_regions
 from orchestrator.data.sources import DataError, load_source
 
@@ -23,6 +29,8 @@ SPLITS = ("train", "val", "test")
 SCHEMA = pa.schema(
     [("id", pa.int64()), ("prompt", pa.string()), ("target", pa.float64()), ("bin", pa.int64()), ("region", pa.string())]
 )
+IMAGE_SCHEMA = SCHEMA.append(pa.field("image", pa.binary()))
+IMAGE_ROW_GROUP = 256  # rows per Parquet row group with images: readers can stream them in small pieces
 
 
 def dir_split(targets: np.ndarray, label_step: float, max_per_label: int, seed: int) -> dict[str, np.ndarray]:
@@ -40,6 +48,12 @@ def dir_split(targets: np.ndarray, label_step: float, max_per_label: int, seed: 
     return {s: np.sort(np.concatenate(v)) for s, v in out.items()}
 
 
+def given_split(labels) -> dict[str, np.ndarray]:
+    """Row indices of each split named in a `split` column (a published split, kept as given)."""
+    labels = np.asarray(labels, dtype=object)
+    return {s: np.flatnonzero(labels == s) for s in SPLITS}
+
+
 def subsample(rows: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     """A uniform random subset keeps the natural distribution of the pool."""
     if size is None or size >= len(rows):
@@ -52,10 +66,16 @@ class BuiltDataset:
     path: Path
     meta: dict = field(hash=False)
 
-    def load(self, split: str) -> pa.Table:
+    def load(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """One split; `columns` reads only those (a text stage can skip the image bytes)."""
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
-        return pq.read_table(self.path / f"{split}.parquet")
+        return pq.read_table(self.path / f"{split}.parquet", columns=columns)
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the splits carry an `image` column of encoded bytes (decode with data.images.load_image)."""
+        return bool(self.meta.get("has_images", False))
 
     @cached_property
     def _train_targets(self) -> np.ndarray:
@@ -81,13 +101,15 @@ def load_built(path: str | Path) -> BuiltDataset:
 
 def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
     """Splits written to {root}/{name}/{fingerprint}/; reused when the same config was built before."""
-    target_dir = Path(cfg.root) / cfg.name / cfg.fingerprint()
+    target_dir = resolve_path(cfg.root) / cfg.name / cfg.fingerprint()
     if not force and (target_dir / "meta.json").is_file():
         return load_built(target_dir)
-    spec, frame = load_source(cfg.name)
+    spec, frame = load_source(cfg)
     step = cfg.label_step or spec.label_step
     targets = frame["target"].to_numpy()
-    rows = dir_split(targets, step, cfg.max_per_label, cfg.seed)
+    has_images = "image" in frame.columns
+    given = "split" in frame.columns  # a published split is kept; only the training subset is drawn
+    rows = given_split(frame["split"]) if given else dir_split(targets, step, cfg.max_per_label, cfg.seed)
     rows["train"] = subsample(rows["train"], cfg.train_size, cfg.seed)
     counts = bin_counts(targets[rows["train"]], step)
 
@@ -95,24 +117,25 @@ def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
     for split in SPLITS:
         part = frame.iloc[rows[split]]
         if len(part) == 0:
-            raise DataError(
-                f"dataset {cfg.name!r}: the {split} split is empty; lower data.max_per_label "
-                f"(now {cfg.max_per_label}) or raise data.train_size (now {cfg.train_size})"
+            hint = (
+                "the dataset's split column gives it no rows"
+                if given
+                else f"lower data.max_per_label (now {cfg.max_per_label}) or raise data.train_size (now {cfg.train_size})"
             )
+            raise DataError(f"dataset {cfg.name!r}: the {split} split is empty; {hint}")
         regions = shot_regions(part["target"], counts, step, cfg.many_threshold, cfg.few_threshold)
         region_sizes[split] = {r: int((regions == r).sum()) for r in REGIONS}
+        columns = {
+            "id": part["id"].astype(np.int64).to_numpy(),
+            "prompt": part["prompt"].astype(str).to_numpy(),
+            "target": part["target"].to_numpy(),
+            "bin": label_bins(part["target"], step),
+            "region": regions.astype(str),
+        }
+        if has_images:
+            columns["image"] = part["image"].to_numpy()  # bytes objects -> Arrow binary, never pickled
         tables[split] = pa.Table.from_pandas(
-            pd.DataFrame(
-                {
-                    "id": part["id"].astype(np.int64).to_numpy(),
-                    "prompt": part["prompt"].astype(str).to_numpy(),
-                    "target": part["target"].to_numpy(),
-                    "bin": label_bins(part["target"], step),
-                    "region": regions.astype(str),
-                }
-            ),
-            schema=SCHEMA,
-            preserve_index=False,
+            pd.DataFrame(columns), schema=IMAGE_SCHEMA if has_images else SCHEMA, preserve_index=False
         )
     train_t = targets[rows["train"]]
     meta = {
@@ -125,17 +148,21 @@ def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
         "many_threshold": cfg.many_threshold,
         "few_threshold": cfg.few_threshold,
         "seed": cfg.seed,
+        "split_source": "given" if given else "dir",
+        "has_images": has_images,
         "sizes": {s: int(t.num_rows) for s, t in tables.items()},
         "regions": region_sizes,
         "train_bin_counts": {str(b): c for b, c in sorted(counts.items())},
         "config": cfg.model_dump(mode="json"),
     }
+    if has_images:
+        meta["images"] = summarize_images(frame["image"].iloc[np.concatenate([rows[s] for s in SPLITS])])
     # Write beside the destination, then rename: an interrupted build never leaves half a dataset.
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target_dir.parent))
     try:
         for split, table in tables.items():
-            pq.write_table(table, tmp / f"{split}.parquet")
+            pq.write_table(table, tmp / f"{split}.parquet", row_group_size=IMAGE_ROW_GROUP if has_images else None)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if target_dir.exists():
             shutil.rmtree(target_dir)
@@ -148,7 +175,17 @@ def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
 def describe(built: BuiltDataset, width: int = 50, max_lines: int = 50) -> str:
     """Split sizes, region sizes, and a text histogram of the training labels per bin."""
     m = built.meta
-    lines = [f"{m['name']}: {m['description']}", f"target: {m['target']} (label step {m['label_step']:g})", ""]
+    lines = [f"{m['name']}: {m['description']}", f"target: {m['target']} (label step {m['label_step']:g})"]
+    if m.get("images"):
+        im = m["images"]
+        sizes = {tuple(im["min_size"]), tuple(im["max_size"])}
+        lines.append(
+            f"images: {im['count']} ({', '.join(f'{k} {v}' for k, v in im['formats'].items())}), "
+            + " to ".join(f"{w}x{h}" for w, h in sorted(sizes))
+        )
+    if m.get("split_source") == "given":
+        lines.append("splits: as given by the dataset (not cut by the DIR protocol)")
+    lines.append("")
     lines.append(f"{'split':<6} {'total':>7} " + " ".join(f"{r:>7}" for r in REGIONS))
     for split in SPLITS:
         lines.append(f"{split:<6} {m['sizes'][split]:>7} " + " ".join(f"{m['regions'][split][r]:>7}" for r in REGIONS))
