@@ -73,7 +73,9 @@ class ManifestConfig(_Strict):
     base64 text in JSONL/CSV), an optional prompt, a numeric target and an optional split (train/val/test).
     With a split column the given splits are kept; without one the DIR protocol cuts them."""
 
-    path: str | None = Field(None, description="The manifest file (.parquet, .jsonl, .csv); required for data.name=manifest.")
+    path: str | None = Field(
+        None, description="The manifest file (.parquet, .jsonl, .csv); required for data.name=manifest."
+    )
     image_root: str | None = Field(None, description="Folder for relative image paths; None: the manifest's folder.")
     prompt_template: str | None = Field(
         None,
@@ -82,7 +84,9 @@ class ManifestConfig(_Strict):
     )
     # Optional columns: None uses the conventional name when the manifest has it; a name given here
     # must exist (a typo is an error, not a silently missing column).
-    image_path_column: str | None = Field(None, description="Column of image file paths; None: 'image_path' if present.")
+    image_path_column: str | None = Field(
+        None, description="Column of image file paths; None: 'image_path' if present."
+    )
     image_bytes_column: str | None = Field(
         None, description="Column of encoded image bytes (base64 in JSONL/CSV); None: 'image_bytes' if present."
     )
@@ -195,6 +199,20 @@ class TinyModelConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft) on the policy, for models too large to fine-tune whole. Each stage
+    trains fresh adapters and merges them into the weights at its end, so the next stage (and its
+    reference policy: the base with adapters disabled) starts from the previous stage's result."""
+
+    enabled: bool = False
+    r: int = Field(64, ge=1, description="Rank (METHODS §4: 64 on 7B models).")
+    alpha: float = Field(128.0, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the output head)."
+    )
+
+
 class ModelConfig(_Strict):
     """Where the policy comes from: `tiny` (random init), `smollm2-135m` (packaged), or a path / hub id."""
 
@@ -203,6 +221,7 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Never on unless the user asks.")
     cache_dir: str | None = Field(None, description="Where converted models are cached; default ~/.cache/orchestrator.")
     init_seed: int = Field(1234, description="Seed of the random init of a tiny model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 # --------------------------------------------------------------------------- stages

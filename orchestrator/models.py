@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import ModelConfig
+from orchestrator.config import LoraConfig, ModelConfig
 
 SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,3 +212,32 @@ def load_model_and_tokenizer(cfg: ModelConfig, resolved_source: str | None = Non
             raise ModelError(f"cannot load a causal language model from {source!r}: {exc}") from exc
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def add_lora_adapters(model, lora: LoraConfig):
+    """Fresh trainable adapters on a plain model (base weights frozen); the model itself when disabled."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_lora_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+def merge_lora_adapters(model):
+    """The plain model with the adapters' updates folded into its weights (a no-op without adapters)."""
+    return model.merge_and_unload() if is_lora_model(model) else model

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 
 from orchestrator.config import ConfigError, RunConfig, resolve_path
 from orchestrator.data import build_dataset, load_built
 from orchestrator.evaluate import format_answer
-from orchestrator.models import digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
+from orchestrator.models import add_lora_adapters, digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
 from orchestrator.tracking import RunLogger, finish_run, resolve_tracking_uri, start_or_resume_run
 
 STATE_FILE = "orchestrator_state.json"
-REFERENCE_FILE = "reference.safetensors"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -58,7 +57,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from orchestrator.stages.common import StageContext
+    from orchestrator.stages.common import REFERENCE_FILE, StageContext, handoff_module
     from orchestrator.stages.evaluation import evaluate_model
 
     cfg = RunConfig.model_validate(loop_config["config"])
@@ -91,21 +90,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for index, stage in enumerate(cfg.pipeline):
         if index < start_stage:
             continue
+        if engine is not None:  # the previous stage's weights, full and merged, start this one
+            model = handoff_module(engine).to(device)
 
         extra: dict[str, Any] = {}
 
         def checkpoint(engine_, step: int, metrics: dict[str, float], _index=index, _extra=extra) -> None:
+            reference = _extra.get("reference")
+            # Every rank takes part: under ZeRO-3 both the engine save and the reference gather are collective.
+            reference_state = reference.state_dict() if reference is not None else None
             with tempfile.TemporaryDirectory() as tmp:
                 engine_.save_checkpoint(tmp, tag="ckpt")
                 if rank == 0:
                     (Path(tmp) / STATE_FILE).write_text(json.dumps({"stage_index": _index, "step": step}))
-                    if _extra.get("reference") is not None:  # GRPO's frozen start-of-stage policy
-                        save_model(_extra["reference"], str(Path(tmp) / REFERENCE_FILE))
+                    if reference_state is not None:
+                        save_file(reference_state, str(Path(tmp) / REFERENCE_FILE))
                 ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
 
         ctx = StageContext(
             cfg=cfg,
-            model=model,
+            model=add_lora_adapters(model, cfg.model.lora),  # fresh adapters per stage (no-op without LoRA)
             tokenizer=tokenizer,
             digit_token_ids=digit_token_ids(tokenizer),
             dataset=dataset,
@@ -122,7 +126,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine = _stage_runner(stage.kind)(
             ctx, stage, start_step if resuming else 0, resume_dir if resuming else None
         )
-        model = engine.module
         offset += stage.steps
 
     ctx = StageContext(

@@ -4,6 +4,7 @@ the train loop (logging on rank 0, checkpointing through Ray Train)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import DeepSpeedConfig, RunConfig
+
+REFERENCE_FILE = "reference.safetensors"  # GRPO's frozen start-of-stage policy, inside a checkpoint
 
 
 @dataclass
@@ -110,3 +113,98 @@ def all_gather_objects(obj: Any) -> list[Any]:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+# --------------------------------------------------------------------------- between stages
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full weights of the engine's module on EVERY rank, as CPU copies. Under ZeRO-3 the shards are
+    gathered one submodule at a time (DeepSpeed's own consolidation fills rank 0 only)."""
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        params = list(sub.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            for name, p in params:
+                state[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    for key, value in module.state_dict().items():  # persistent buffers are never partitioned
+        state.setdefault(key, value.detach().cpu().clone())
+    return state
+
+
+def handoff_module(engine) -> torch.nn.Module:
+    """The stage's result as a plain module with full weights and any LoRA adapters merged, so the
+    next stage's engine (and its reference policy) starts from exactly this stage's weights. The old
+    engine is destroyed: its ZeRO gradient hooks would otherwise keep firing in the next stage."""
+    from orchestrator.models import is_lora_model, merge_lora_adapters
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        from transformers import AutoModelForCausalLM
+
+        state = gathered_state_dict(engine)
+        lora = module.peft_config["default"] if is_lora_model(module) else None
+        base = module.get_base_model() if lora is not None else module
+        fresh = AutoModelForCausalLM.from_config(base.config)
+        if lora is not None:
+            from peft import get_peft_model
+
+            fresh = get_peft_model(fresh, lora)
+        fresh.load_state_dict(state)
+        fresh.to(dtype=next(iter(state.values())).dtype)
+        module = fresh
+    engine.destroy()
+    return merge_lora_adapters(module)
+
+
+class ReferencePolicy:
+    """The frozen policy the KL term compares against: the stage's starting weights.
+
+    - LoRA: the policy itself with its adapters disabled (no copy at all);
+    - ZeRO-3: a frozen copy partitioned by an optimizer-free DeepSpeed engine;
+    - otherwise: a frozen copy (no gradients, no optimizer state).
+    Build it BEFORE the policy's engine: ZeRO-3 partitions the start module in place."""
+
+    def __init__(self, start_module: torch.nn.Module, cfg: RunConfig, stage, lora: bool, weights: dict | None = None):
+        self.lora = lora
+        self.model = None
+        if lora:
+            return
+        frozen = copy.deepcopy(start_module).eval()
+        if weights is not None:  # resuming: the reference saved with the checkpoint
+            frozen.load_state_dict(weights)
+        frozen.requires_grad_(False)
+        if cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            ds = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)
+            ds = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "zero_optimization", "bf16")}
+            ds["zero_optimization"] = {"stage": 3}
+            frozen = deepspeed.initialize(model=frozen, config=ds, dist_init_required=False)[0]
+            frozen.eval()
+        self.model = frozen
+
+    @contextlib.contextmanager
+    def forward_model(self, policy_engine):
+        """The callable that computes reference log-probs."""
+        if self.lora:
+            with policy_engine.module.disable_adapter():
+                yield policy_engine
+        else:
+            yield self.model
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full reference weights for a checkpoint (None under LoRA: the policy checkpoint holds the base).
+        Collective under ZeRO-3: every rank must call it."""
+        if self.model is None:
+            return None
+        if hasattr(self.model, "zero_optimization_stage"):
+            return gathered_state_dict(self.model)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -12,13 +12,13 @@ Per optimizer step, each worker:
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_file
 
 from orchestrator.config import GRPOStage
 from orchestrator.data.collate import chat_prompt_ids, micro_batch_indices, pad_batch
@@ -26,7 +26,15 @@ from orchestrator.evaluate import parse_answer
 from orchestrator.generation import decode_completions, generate
 from orchestrator.grpo import group_advantages, grpo_loss_terms
 from orchestrator.rewards import RewardContext, compute_rewards
-from orchestrator.stages.common import StageContext, all_gather_objects, all_reduce_sum, build_engine, full_parameters
+from orchestrator.stages.common import (
+    REFERENCE_FILE,
+    ReferencePolicy,
+    StageContext,
+    all_gather_objects,
+    all_reduce_sum,
+    build_engine,
+    full_parameters,
+)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,15 +68,14 @@ def global_rollout(parsed: list[list[float | None]], targets: list[float], texts
 def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, resume_dir: str | None = None):
     reference = None
     if stage.beta > 0:
-        # Frozen copy of the stage's starting policy: no grads, no optimizer state.
-        reference = copy.deepcopy(ctx.model).eval()
-        reference.requires_grad_(False)
+        # The reference is the policy at the START of this stage; a checkpoint stores it separately.
+        lora = ctx.cfg.model.lora.enabled
+        saved = Path(resume_dir or "", REFERENCE_FILE)
+        weights = load_file(str(saved)) if resume_dir is not None and not lora else None
+        reference = ReferencePolicy(ctx.model, ctx.cfg, stage, lora, weights)
     engine = build_engine(ctx.model, stage, ctx.cfg)
     if resume_dir is not None:
         engine.load_checkpoint(resume_dir, tag="ckpt")
-        if reference is not None:
-            # The reference is the policy at the START of this stage, which the checkpoint holds separately.
-            load_model(reference, f"{resume_dir}/reference.safetensors")
     ctx.extra["reference"] = reference
 
     ds = ctx.dataset
@@ -128,7 +135,8 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
             old_logp = torch.cat([token_logprobs(engine, input_ids[c], attention_mask[c]) for c in chunks])
             ref_logp = None
             if reference is not None:
-                ref_logp = torch.cat([token_logprobs(reference, input_ids[c], attention_mask[c]) for c in chunks])
+                with reference.forward_model(engine) as ref_model:
+                    ref_logp = torch.cat([token_logprobs(ref_model, input_ids[c], attention_mask[c]) for c in chunks])
         timings["logprobs"] += time.perf_counter() - t0
 
         # 4. clipped-objective updates, normalised over the whole step's batch across workers

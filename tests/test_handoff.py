@@ -1,0 +1,117 @@
+"""Stage hand-off, LoRA and the GRPO reference policy on real DeepSpeed engines (one process, gloo).
+
+What must hold: the module handed to the next stage computes exactly what the finished stage's
+engine computes (ZeRO-3 shards gathered, LoRA merged), and the reference reproduces the stage's
+starting policy whichever way it is held."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import load_run_config
+from orchestrator.models import add_lora_adapters, build_digit_tokenizer, is_lora_model, load_model_and_tokenizer
+from orchestrator.stages.common import ReferencePolicy, build_engine, full_parameters, gathered_state_dict, handoff_module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def cfg_for(zero: int, lora: bool = False):
+    return load_run_config(
+        overrides=[
+            f"deepspeed.zero_stage={zero}", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4",
+            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "pipeline=sft:ce -> grpo:ccc",
+            "pipeline.0.lr=1e-2",
+        ]
+    )
+
+
+INPUT = torch.tensor([build_digit_tokenizer().encode("<answer>42</answer>", add_special_tokens=False)])
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad(), full_parameters(model) as module:
+        return module(input_ids=INPUT).logits.detach().clone()
+
+
+def train_one_step(engine):
+    out = engine(input_ids=INPUT, labels=INPUT)
+    engine.backward(out.loss)
+    engine.step()
+
+
+@pytest.mark.parametrize("zero, lora", [(2, False), (3, False), (2, True), (3, True)])
+def test_handoff_module_computes_what_the_engine_computed(zero, lora):
+    cfg = cfg_for(zero, lora)
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    engine = build_engine(add_lora_adapters(model, cfg.model.lora), cfg.pipeline[0], cfg)
+    before = logits_of(engine)
+    for _ in range(3):
+        train_one_step(engine)
+    after = logits_of(engine)
+    assert not torch.allclose(before, after)  # the step changed something worth handing over
+    plain = handoff_module(engine)
+    assert not is_lora_model(plain) and all(p.numel() > 0 for p in plain.parameters())
+    assert torch.allclose(logits_of(plain), after, atol=1e-5)
+
+
+def test_lora_trains_only_adapters_and_disabling_them_gives_the_base():
+    cfg = cfg_for(2, lora=True)
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    base = logits_of(model)
+    adapted = add_lora_adapters(model, cfg.model.lora)
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    engine = build_engine(adapted, cfg.pipeline[1], cfg)
+    for _ in range(2):
+        train_one_step(engine)
+    reference = ReferencePolicy(adapted, cfg, cfg.pipeline[1], lora=True)
+    with reference.forward_model(engine) as ref:
+        assert torch.allclose(logits_of(ref), base, atol=1e-6)  # adapters off = the stage's start
+    assert not torch.allclose(logits_of(engine), base)
+    assert reference.state_dict() is None  # nothing extra to checkpoint
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_reference_is_the_frozen_start_and_survives_a_checkpoint(zero):
+    cfg = cfg_for(zero)
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    start = logits_of(model)
+    reference = ReferencePolicy(model, cfg, cfg.pipeline[1], lora=False)  # before the engine partitions `model`
+    engine = build_engine(model, cfg.pipeline[1], cfg)
+    for _ in range(2):
+        train_one_step(engine)
+    with reference.forward_model(engine) as ref:
+        assert torch.allclose(logits_of(ref), start, atol=1e-6)
+        assert not any(p.requires_grad for p in ref.parameters())
+    saved = reference.state_dict()
+    assert all(v.numel() > 0 for v in saved.values())  # gathered, not ZeRO-3 shards
+    fresh, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    restored = ReferencePolicy(fresh, cfg, cfg.pipeline[1], lora=False, weights=saved)
+    with restored.forward_model(engine) as ref:
+        assert torch.allclose(logits_of(ref), start, atol=1e-6)
+
+
+def test_gathered_state_dict_matches_the_unpartitioned_weights():
+    cfg = cfg_for(3)
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = build_engine(model, cfg.pipeline[0], cfg)
+    state = gathered_state_dict(engine)
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
