@@ -20,8 +20,9 @@ EXIT_USER_ERROR = 2
 def _user_errors():
     from orchestrator.data import DataError
     from orchestrator.models import ModelError
+    from orchestrator.tables import TablesError
 
-    return (ConfigError, DataError, ModelError)
+    return (ConfigError, DataError, ModelError, TablesError)
 
 
 def format_metrics_table(metrics: dict[str, float], splits=("val", "test")) -> str:
@@ -92,6 +93,20 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def cmd_tables(args) -> int:
+    from orchestrator.tables import default_out_dir, write_tables
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    out = args.out or default_out_dir(args.experiment)
+    files = write_tables(
+        uri, args.experiment, parent_run_id=args.parent, sweep=args.sweep, out_dir=out, split=args.split, baseline=args.baseline
+    )
+    print(files.markdown)
+    print(f"{len(files)} files (Markdown, LaTeX, CSV) written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("tables", help="build the paper and per-axis tables (Markdown, LaTeX, CSV) from MLflow")
+    p.add_argument("experiment", help="MLflow experiment (one per ablation)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--parent", metavar="RUN_ID", help="the sweep's parent run (default: the latest sweep, else all finished runs)")
+    which.add_argument("--sweep", metavar="NAME", help="the latest sweep with this name")
+    p.add_argument("--out", metavar="DIR", help="output folder (default results/tables/EXPERIMENT)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--baseline", metavar="LABEL", help="pipeline of the Δ rows, e.g. 'sft:ce' (default: the sweep's, else sft:ce)")
+    p.add_argument("--tracking-uri", metavar="URI", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+    p.set_defaults(func=cmd_tables)
     return parser
 
 
