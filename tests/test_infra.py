@@ -1,0 +1,464 @@
+"""infra/: every file parses and keeps the promises the docs make (token auth on, loopback binds,
+no secrets, names that exist), and one end-to-end test submits a job to a head started by the
+shipped script, the way a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+RAY_BIN = Path(sys.executable).parent / "ray"
+# Ablation files that infra/ names but that may land in the tree after it (written in parallel).
+EXPECTED_ABLATIONS = {"ablations/quick.yaml", "ablations/paper.yaml"}
+SECRETISH = re.compile(r"(token|secret|password|passwd|api[_-]?key)", re.IGNORECASE)
+
+
+def infra_text(name: str) -> str:
+    return (INFRA / name).read_text()
+
+
+def load_yaml(name: str):
+    return yaml.safe_load(infra_text(name))
+
+
+def check_ablation_reference(path: str) -> None:
+    if (ROOT / path).is_file():
+        assert isinstance(yaml.safe_load((ROOT / path).read_text()), dict), path
+    else:
+        assert path in EXPECTED_ABLATIONS, f"{path} does not exist and is not an expected ablation file"
+
+
+# --------------------------------------------------------------------------- every file is checked
+
+CHECKED = {
+    "README.md",
+    "ray-head-start.sh",
+    "ray-head-stop.sh",
+    "ray-cluster.yaml",
+    "cluster.env.example",
+    "rayjob.yaml",
+    "rayjob-storage.yaml",
+    "Dockerfile",
+    "mlflow/start-server.sh",
+    "mlflow/postgres-init.sql",
+}
+
+
+def test_every_file_in_infra_has_a_check():
+    present = {str(p.relative_to(INFRA)) for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert present == CHECKED, "add a check for new infra files (and drop the ones removed)"
+
+
+def test_no_infra_file_turns_token_auth_off_or_binds_everywhere():
+    for name in CHECKED - {"README.md"}:  # the README may explain what not to do
+        text = infra_text(name)
+        assert not re.search(r"RAY_AUTH_MODE\s*[=:]\s*['\"]?disabled", text), name
+        assert "0.0.0.0" not in text, name
+        assert "--disable-security-middleware" not in text, name
+
+
+# --------------------------------------------------------------------------- shell scripts
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CHECKED if n.endswith(".sh")))
+def test_shell_script_parses_is_executable_and_uses_loopback(name):
+    path = INFRA / name
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert os.access(path, os.X_OK), f"{name} is not executable"
+    assert path.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "127.0.0.1" in path.read_text() or name == "ray-head-stop.sh"
+
+
+def test_start_script_turns_token_auth_on_and_exports_what_clients_need():
+    text = infra_text("ray-head-start.sh")
+    assert "export RAY_AUTH_MODE=token" in text
+    assert "--dashboard-host 127.0.0.1" in text
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        assert f"export {var}=" in text
+    assert "ORCHESTRATOR_HOME" in text
+    # The job's `python` is the venv's: its bin directory goes first on the head's PATH.
+    assert 'export PATH="$venv/bin:$PATH"' in text
+
+
+def test_stop_script_stops_only_its_own_head():
+    text = infra_text("ray-head-stop.sh")
+    commands = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not any(re.search(r"\bray stop\b", line) for line in commands)  # kills every cluster of the user
+    assert "head.pid" in text
+
+
+def mlflow_script(env: dict[str, str], *args: str, status: int = 0) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(INFRA / "mlflow/start-server.sh"), *args], env=env, capture_output=True, text=True)
+    assert r.returncode == status, r.stderr
+    return r
+
+
+def test_mlflow_server_defaults_to_sqlite_on_loopback(tmp_path):
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(tmp_path)}
+    env.pop("MLFLOW_BACKEND_STORE_URI", None)
+    env.pop("MLFLOW_ARTIFACTS_DESTINATION", None)
+    args = shlex.split(mlflow_script(env, "--print-command").stdout)
+    assert args[:2] == ["mlflow", "server"]
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[args.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert args[args.index("--artifacts-destination") + 1] == f"{tmp_path}/mlruns/artifacts"
+    assert "--serve-artifacts" in args
+
+
+def test_mlflow_server_takes_a_database_and_refuses_a_password_in_the_uri(tmp_path):
+    env = {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow@db.internal:5432/mlflow",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlflow",
+    }
+    args = shlex.split(mlflow_script(env, "--print-command").stdout)
+    assert args[args.index("--backend-store-uri") + 1] == env["MLFLOW_BACKEND_STORE_URI"]
+    assert args[args.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    env["MLFLOW_BACKEND_STORE_URI"] = "postgresql://mlflow:hunter2@db.internal:5432/mlflow"
+    assert "PGPASSWORD" in mlflow_script(env, "--print-command", status=2).stderr
+
+
+def test_postgres_init_takes_the_password_from_a_variable():
+    text = infra_text("mlflow/postgres-init.sql")
+    assert "PASSWORD :'mlflow_password'" in text
+    assert not re.search(r"PASSWORD\s+'", text)
+
+
+# --------------------------------------------------------------------------- Ray cluster launcher
+
+
+def test_ray_cluster_config_passes_rays_own_validation_and_keeps_auth_on():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load_yaml("ray-cluster.yaml")
+    validate_config(prepare_config(cfg))  # Ray's JSON schema for `ray up`
+
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu_types = [t for t in types.values() if t.get("resources", {}).get("GPU", 0) > 0]
+    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)  # GPUs only while a job wants them
+
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all("export RAY_AUTH_MODE=token" in c for c in start), key
+        # Set after the user's env file is sourced, so that file cannot turn auth off.
+        assert all(c.index("RAY_AUTH_MODE=token") > c.index("cluster.env") for c in start), key
+    # The token is copied from the user's machine, never written into the config.
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert ".gitignore" in cfg["rsync_filter"]  # keeps .venv/, data/, results/, mlruns/ off the nodes
+    setup = " ".join(cfg["setup_commands"])
+    assert "download.pytorch.org/whl/cu" in setup
+    assert setup.index("download.pytorch.org") < setup.index("pip install -q -e .")  # CUDA torch first
+
+
+def test_cluster_env_example_holds_no_secret_values():
+    for line in infra_text("cluster.env.example").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        assert re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), line
+        assert not key.startswith("RAY_AUTH"), line
+        assert not (SECRETISH.search(key) and value), line
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+def container_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_rayjob_runs_the_paper_sweep_on_gpus_with_token_auth():
+    job = load_yaml("rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    python, script, *args = shlex.split(spec["entrypoint"])
+    assert python == "python" and script.startswith("jobs/") and (ROOT / script).is_file()
+    for arg in args:
+        if arg.endswith((".yaml", ".yml")):
+            check_ablation_reference(arg)
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert set(runtime_env) <= {"working_dir", "env_vars"}
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"]["mode"] == "token"
+
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    workers = cluster["workerGroupSpecs"]
+    containers = head["containers"] + [c for g in workers for c in g["template"]["spec"]["containers"]]
+    for c in containers:
+        env = container_env(c)
+        assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"], c["name"]
+        assert env["ORCHESTRATOR_HOME"]["value"] == "/mnt/shared"
+        assert "RAY_AUTH_MODE" not in env or env["RAY_AUTH_MODE"].get("value") == "token"
+        for name, e in env.items():
+            assert not (SECRETISH.search(name) and "value" in e), f"{name} must come from a Secret"
+        assert any(m["mountPath"] == "/mnt/shared" for m in c["volumeMounts"])
+    assert any(
+        int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) > 0
+        for g in workers
+        for c in g["template"]["spec"]["containers"]
+    )
+    # rayStartParams are strings in the CRD.
+    for params in [cluster["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in workers]:
+        assert all(isinstance(v, str) for v in params.values())
+
+    # The working_dir is where the image puts the project, and the volume is the PVC we ship.
+    workdir = re.search(r"^WORKDIR\s+(\S+)", infra_text("Dockerfile"), re.MULTILINE).group(1)
+    assert runtime_env["working_dir"] == workdir
+    pvc = load_yaml("rayjob-storage.yaml")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in head["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {pvc["metadata"]["name"]}
+
+
+def test_rayjob_storage_is_shared_between_pods():
+    pvc = load_yaml("rayjob-storage.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_dockerfile_matches_the_pinned_versions():
+    text = infra_text("Dockerfile")
+    torch_pin = re.search(r'"(torch==[^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)", text, re.MULTILINE).group(1)
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-") and base.endswith("-gpu")
+    assert torch_pin in text and "download.pytorch.org/whl/cu" in text
+    assert "DS_BUILD_OPS=0" in text
+
+
+# --------------------------------------------------------------------------- docs and entrypoints
+
+
+def test_infra_readme_covers_every_file_and_the_submit_line():
+    text = infra_text("README.md")
+    for name in CHECKED - {"README.md"}:
+        assert name in text, f"infra/README.md does not mention {name}"
+    assert "ray job submit --working-dir . -- python jobs/sweep.py ablations/quick.yaml" in text
+    assert "RAY_AUTH_MODE=token" in text
+
+
+@pytest.mark.parametrize("command", ["sweep", "tables", "train"])
+def test_job_entrypoints_hand_their_arguments_to_the_cli(command, monkeypatch):
+    import orchestrator.cli
+
+    seen = []
+    monkeypatch.setattr(orchestrator.cli, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", [f"jobs/{command}.py", "ablations/quick.yaml", "seed=1"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "jobs" / f"{command}.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    assert seen == [[command, "ablations/quick.yaml", "seed=1"]]
+
+
+def test_working_dir_upload_leaves_local_state_behind():
+    """What `ray job submit --working-dir .` uploads, decided by Ray's own packaging code."""
+    from ray._private.runtime_env.packaging import create_package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "pkg.zip"
+        create_package(str(ROOT), package, include_gitignore=True)
+        names = zipfile.ZipFile(package).namelist()
+        size = package.stat().st_size
+    top = {n.split("/")[0] for n in names}
+    assert {"orchestrator", "jobs", "pyproject.toml"} <= top
+    assert not top & {".venv", "data", "results", "mlruns"}, top
+    assert not any(n.endswith(".pyc") for n in names)
+    assert size < 20 * 1024 * 1024, f"working_dir package is {size / 2**20:.1f} MiB (Jobs API limit: 100 MiB)"
+
+
+# --------------------------------------------------------------------------- end to end
+
+TINY_RUN = [  # as in tests/test_e2e_train.py, on one worker
+    "data.train_size=600",
+    "data.max_per_label=2",
+    "data.many_threshold=12",
+    "data.few_threshold=4",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "eval.max_samples=48",
+    "eval.batch_size=24",
+    "eval.max_new_tokens=24",
+    "tracking.log_every=5",
+    "pipeline.0.steps=10",
+    "scaling.num_workers=1",
+]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_status(url: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(420)
+def test_ray_job_submit_to_the_scripted_head(tmp_path):
+    """infra/ray-head-start.sh -> `ray job submit --working-dir .` -> results in ORCHESTRATOR_HOME.
+
+    The head gets its own ports, temp dir, state dir and token, so it never meets a developer's head,
+    and it is stopped by infra/ray-head-stop.sh whatever happens.
+    """
+    # Short root: Ray puts Unix sockets under --temp-dir and their paths are limited to ~107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp"))
+    home, state, token_file = tmp_path / "home", root / "state", root / "token"
+    gcs, dashboard, client, agent = free_ports(4)
+    inherited = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "MLFLOW_")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    head_env = {
+        **base_env, "ORCHESTRATOR_HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(token_file), "VIRTUAL_ENV": sys.prefix,
+    }  # fmt: skip
+    start = [
+        str(INFRA / "ray-head-start.sh"),
+        "--port", str(gcs), "--dashboard-port", str(dashboard), "--client-port", str(client),
+        "--agent-port", str(agent), "--worker-ports", "31000-31999", "--num-cpus", "2",
+        "--state-dir", str(state), "--temp-dir", str(root / "ray"),
+    ]  # fmt: skip
+    timings = {}
+    t0 = time.perf_counter()
+    started = subprocess.run(start, env=head_env, capture_output=True, text=True, timeout=180)
+    timings["start"] = time.perf_counter() - t0
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", started.stdout, re.MULTILINE))
+        assert exports["RAY_AUTH_MODE"] == "token"
+        assert exports["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{dashboard}"
+        token = token_file.read_text().strip()
+        assert len(token) == 64 and oct(token_file.stat().st_mode)[-3:] == "600"
+        api = exports["RAY_API_SERVER_ADDRESS"]
+
+        # Auth is on: a client with no token (none in env, none in a home dir) and one with a wrong
+        # token are both turned away before anything reaches the cluster.
+        nohome = root / "nohome"
+        nohome.mkdir()
+        probe = [str(RAY_BIN), "job", "submit", "--no-wait", "--", "python", "-c", "pass"]
+        refused = subprocess.run(
+            probe, cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={**base_env, "HOME": str(nohome), "RAY_API_SERVER_ADDRESS": api},
+        )  # fmt: skip
+        assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr
+        wrong = subprocess.run(
+            probe, cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={**base_env, "HOME": str(nohome), "RAY_API_SERVER_ADDRESS": api, "RAY_AUTH_MODE": "token",
+                 "RAY_AUTH_TOKEN": "0" * 64},
+        )  # fmt: skip
+        assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
+        assert http_status(f"{api}/api/jobs/")[0] == 401
+        assert http_status(f"{api}/api/authentication_mode")[1] and json.loads(
+            http_status(f"{api}/api/authentication_mode")[1]
+        ) == {"authentication_mode": "token"}
+
+        # What a driver sees: the head's environment (ORCHESTRATOR_HOME, the venv's python first on
+        # PATH) plus the job's own env_vars, which may repeat one init_ray sets without a conflict.
+        probe_code = (
+            "import os, shutil, sys; from orchestrator.train import init_ray; init_ray(); "
+            "print('PROBE', os.environ['ORCHESTRATOR_HOME'], shutil.which('python'), sys.executable, "
+            "os.environ['OMP_NUM_THREADS'], os.getcwd())"
+        )
+        t0 = time.perf_counter()
+        probed = subprocess.run(
+            [str(RAY_BIN), "job", "submit", "--working-dir", ".",
+             "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1"}}),
+             "--", "python", "-c", probe_code],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**base_env, **exports},
+        )  # fmt: skip
+        timings["probe job"] = time.perf_counter() - t0
+        assert probed.returncode == 0, (probed.stdout + probed.stderr)[-3000:]
+        seen = re.search(r"^PROBE (\S+) (\S+) (\S+) (\S+) (\S+)$", probed.stdout, re.MULTILINE)
+        assert seen, probed.stdout[-3000:]
+        assert seen[1] == str(home)
+        assert Path(seen[2]).parent == Path(sys.prefix) / "bin" and Path(seen[3]).parent == Path(sys.prefix) / "bin"
+        assert "working_dir_files" in seen[5]  # the driver really runs in Ray's copy, not the checkout
+
+        # The documented line, with the exported environment: the driver runs in Ray's copy of
+        # the checkout, yet writes data, checkpoints and the MLflow run under ORCHESTRATOR_HOME.
+        t0 = time.perf_counter()
+        submitted = subprocess.run(
+            [str(RAY_BIN), "job", "submit", "--working-dir", ".",
+             "--", "python", "jobs/train.py", "name=infra-e2e", *TINY_RUN],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base_env, **exports},
+        )  # fmt: skip
+        timings["train job"] = time.perf_counter() - t0
+        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
+        assert "succeeded" in submitted.stdout + submitted.stderr
+
+        status, body = http_status(f"{api}/api/jobs/", token)
+        jobs = json.loads(body)
+        assert status == 200 and len(jobs) == 2, jobs  # the refused submissions never arrived
+        assert all(j["status"] == "SUCCEEDED" for j in jobs)
+        assert any("jobs/train.py" in j["entrypoint"] for j in jobs)
+
+        from mlflow import MlflowClient
+
+        store = home / "mlruns" / "mlflow.db"
+        assert store.is_file(), "the MLflow store is not under ORCHESTRATOR_HOME"
+        client = MlflowClient(f"sqlite:///{store}")
+        runs = client.search_runs(
+            [client.get_experiment_by_name("orchestrator").experiment_id],
+            filter_string="attributes.run_name = 'infra-e2e'",
+        )
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert {"test/all/mae", "test/few/mae", "val/all/mae"} <= set(run.data.metrics)
+        assert run.data.params["scaling.num_workers"] == "1"
+        assert any((home / "results" / "infra-e2e").glob("checkpoint_*"))
+        assert (home / "data").is_dir()
+    finally:
+        head_pid = int((state / "head.pid").read_text()) if (state / "head.pid").exists() else None
+        t0 = time.perf_counter()
+        stopped = subprocess.run(
+            [str(INFRA / "ray-head-stop.sh"), "--state-dir", str(state)],
+            env=head_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        timings["stop"] = time.perf_counter() - t0
+        print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+        shutil.rmtree(root, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (state / "head.pid").exists()
+    # Nothing of the head is left: not `ray start`, not a process of its session, not a listener.
+    assert head_pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(head_pid, 0)
+    session = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True).stdout.split()
+    assert str(head_pid) not in session[1::2]
+    for port in (gcs, dashboard):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
