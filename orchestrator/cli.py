@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A user's reward module beside their configs (`grpo:my_rewards:fn`) must import here as it does in
+    # the Ray workers, which get the driver's working directory on their path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
     # `train cfg.yaml a=b`: argparse puts a lone `a=b` in `config`; treat it as an override.
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):

@@ -32,6 +32,13 @@ def resolve_path(path: str | Path) -> Path:
     return (Path(os.environ.get("ORCHESTRATOR_HOME") or Path.cwd()) / p).resolve()
 
 
+def resolve_storage(location: str) -> str:
+    """Ray Train storage: a URI (s3://, gs://, file://...) passes through untouched; a path is resolved."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", location):
+        return location
+    return str(resolve_path(location))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

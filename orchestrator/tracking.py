@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import RunConfig, flatten, resolve_path
+from orchestrator.config import RunConfig, flatten, resolve_path, resolve_storage
 
 RUN_KEY_TAG = "orchestrator.run_key"
 PIPELINE_TAG = "orchestrator.pipeline"
@@ -58,7 +58,7 @@ def ensure_experiment(client, name: str, uri: str) -> str:
 
 def run_key(cfg: RunConfig) -> str:
     """Identity of a run across restarts: same storage + name = same MLflow run."""
-    return hashlib.sha256(f"{resolve_path(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{resolve_storage(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
 
 
 def loggable_params(cfg: RunConfig) -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
-from orchestrator.config import ConfigError, RunConfig, resolve_path
+from orchestrator.config import ConfigError, RunConfig, resolve_storage
 from orchestrator.data import build_dataset, load_built
 from orchestrator.evaluate import format_answer
 from orchestrator.models import add_lora_adapters, digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
@@ -157,6 +157,11 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit`, Ray refuses a driver runtime_env that sets an env var the job's
+        # runtime_env (--runtime-env-json) also sets; the job's value wins.
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+        env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in job_vars}}
         ray.init(runtime_env=env, log_to_driver=True)
         return
     ray.init(
@@ -191,6 +196,18 @@ def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_
             )
 
 
+def check_rewards(cfg: RunConfig) -> None:
+    """Every GRPO reward term must resolve (a registered name or an importable module:function)."""
+    from orchestrator.rewards import resolve_reward
+
+    for i, stage in enumerate(cfg.pipeline):
+        for j, term in enumerate(getattr(stage, "rewards", [])):
+            try:
+                resolve_reward(term.name)
+            except ValueError as exc:
+                raise ConfigError(f"pipeline.{i}.rewards.{j}.name: {exc}") from None
+
+
 @dataclass
 class RunOutcome:
     run_id: str
@@ -207,6 +224,7 @@ def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_rewards(cfg)
     built = build_dataset(cfg.data)
     model_source = resolve_source(cfg.model)
     check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
@@ -230,7 +248,7 @@ def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures:
             ),
             run_config=RayRunConfig(
                 name=cfg.name,
-                storage_path=str(resolve_path(cfg.storage_path)),
+                storage_path=resolve_storage(cfg.storage_path),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                 failure_config=FailureConfig(max_failures=max_failures),
             ),

@@ -32,3 +32,23 @@ def test_relative_paths_follow_orchestrator_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path / "home"))
     assert resolve_path("results") == tmp_path / "home" / "results"
     assert resolve_path("/abs/x") == resolve_path("/abs/x").resolve()
+
+
+def test_unknown_or_unimportable_rewards_are_refused_before_compute():
+    from orchestrator.train import check_rewards
+
+    check_rewards(load_run_config(overrides=["pipeline=sft:ce -> grpo:ccc+format"]))
+    check_rewards(load_run_config(overrides=["pipeline=grpo:tests.custom_rewards:brevity"]))
+    with pytest.raises(ConfigError, match=r"pipeline.1.rewards.1.name: unknown reward 'cc'"):
+        check_rewards(load_run_config(overrides=["pipeline=sft:ce -> grpo:ccc+cc"]))
+    with pytest.raises(ConfigError, match=r"pipeline.0.rewards.0.name: cannot import reward 'no_such_mod:fn'"):
+        check_rewards(load_run_config(overrides=["pipeline=grpo:no_such_mod:fn"]))
+
+
+def test_storage_uris_pass_through_and_paths_resolve(tmp_path, monkeypatch):
+    from orchestrator.config import resolve_storage
+
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))
+    assert resolve_storage("s3://bucket/results") == "s3://bucket/results"
+    assert resolve_storage("gs://b/r") == "gs://b/r"
+    assert resolve_storage("results") == str(tmp_path / "results")

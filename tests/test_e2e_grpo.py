@@ -49,3 +49,39 @@ def test_grpo_mae_without_reference(tmp_path, ray_cluster):
     assert m["train/kl"] == 0.0  # beta = 0: no reference model, no KL term
     assert -1.0 <= m["train/reward/mae"] <= 0.0
     assert math.isfinite(m["test/all/mae"])
+
+
+def test_lora_chain_with_a_user_reward(tmp_path, ray_cluster):
+    """LoRA through both stages (SFT adapters merged before GRPO trains fresh ones; the KL reference is
+    the policy with its adapters disabled), with a user's reward named as module:function that reads
+    the dataset's columns. A random-init model learns little through adapters alone, so the reward is
+    one that varies before the answer format is learned."""
+    cfg = make_cfg(tmp_path, "name=lora", "pipeline=sft:ce -> grpo:tests.custom_rewards:brevity", *GRPO_SMALL,
+                   "model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32", "pipeline.0.lr=1e-2",
+                   "pipeline.1.lr=1e-2")
+    out = run_training(cfg)
+    run = MlflowClient(out.tracking_uri).get_run(out.run_id)
+    m = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert m["train/reward/tests.custom_rewards:brevity"] < 0 and m["train/advantage/std"] > 0
+    assert m["train/kl"] > 0  # the GRPO adapters moved the policy away from its (adapter-free) reference
+    assert math.isfinite(m["test/all/mae"])
+    assert run.data.params["model.lora.r"] == "16"
+    assert run.data.params["pipeline"] == "sft:ce -> grpo:tests.custom_rewards:brevity"
+
+
+def test_zero3_chain_resumes_mid_grpo_with_its_reference(tmp_path, ray_cluster):
+    """ZeRO-3 end to end: the SFT weights are gathered for GRPO, the partitioned reference is saved in
+    the checkpoint, and a restart resumes mid-GRPO into the same MLflow run."""
+    common = ["name=z3", "pipeline=sft:ce -> grpo:mae", *GRPO_SMALL, "deepspeed.zero_stage=3",
+              "checkpoint.every_steps=2"]
+    first = run_training(make_cfg(tmp_path, *common, "pipeline.1.steps=2"))
+    client = MlflowClient(first.tracking_uri)
+    client.set_terminated(first.run_id, status="FAILED")  # as if it had been interrupted after GRPO step 2
+    second = run_training(make_cfg(tmp_path, *common, "pipeline.1.steps=4"))
+    assert second.run_id == first.run_id
+    run = client.get_run(second.run_id)
+    assert run.data.tags["orchestrator.resumed_from"] == "stage 1 step 2"
+    steps = [s for s, _ in metric_history(second.tracking_uri, second.run_id, "train/reward/mae")]
+    assert steps == [62, 64]  # no GRPO step re-run, none missing
+    assert run.data.metrics["train/kl"] > 0 and math.isfinite(run.data.metrics["test/all/mae"])
