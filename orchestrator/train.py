@@ -136,14 +136,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
     if logger is not None:
         logger.log_metrics(metrics, offset)
-        with tempfile.TemporaryDirectory() as tmp:
-            for split, table in predictions.items():
-                path = Path(tmp) / f"{split}.parquet"
-                pq.write_table(table, path)
-                logger.log_artifact(path, "predictions")
+        log_predictions(logger, predictions, dataset)
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
     ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}})
+
+
+def log_predictions(logger: RunLogger, predictions: dict, dataset) -> None:
+    """Each split's predictions as Parquet, and its diagnostic plots (scatter, MAE per bin with the shot
+    regions shaded, training-label histogram) under plots/{split}/."""
+    from orchestrator.plots import cell_plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, table in predictions.items():
+            path = Path(tmp) / f"{split}.parquet"
+            pq.write_table(table, path)
+            logger.log_artifact(path, "predictions")
+            plots = cell_plots(
+                table, dataset.train_targets(), label_step=dataset.label_step, many=dataset.many,
+                few=dataset.few, out_dir=Path(tmp) / "plots" / split,
+            )
+            for plot in plots:
+                logger.log_artifact(plot, f"plots/{split}")
 
 
 # --------------------------------------------------------------------------- driver side

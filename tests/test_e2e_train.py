@@ -77,6 +77,8 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     assert run.data.params["pipeline.0.loss"] == "ce"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "predictions")}
     assert artifacts == {"predictions/val.parquet", "predictions/test.parquet"}
+    plots = {a.path for a in client.list_artifacts(outcome.run_id, "plots/test")}
+    assert plots == {f"plots/test/{f}" for f in ("pred_vs_target.png", "mae_per_bin.png", "train_histogram.png")}
     checkpoints = sorted(p for p in (tmp_path / "results" / "sft").glob("checkpoint_*") if p.is_dir())
     assert checkpoints, "no checkpoint written"
     assert any(p.name.startswith("zero_pp_rank_1") for p in checkpoints[-1].rglob("*"))  # both ranks' shards
