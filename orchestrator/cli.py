@@ -1,7 +1,9 @@
-"""`orchestrator train | data | ui` — the user's entry points (also wrapped by jobs/ for `ray job submit`).
+"""`orchestrator train | sweep | tables | data | ui` — the user's entry points (also wrapped by jobs/
+for `ray job submit`).
 
-User errors (bad config, bad data, bad model path) print one clear message and exit with status 2,
-before any compute starts.
+User errors (bad config, ablation, data or model path) print one clear message and exit with status 2,
+before any compute starts. A sweep in which some cells failed exits with status 1 after the others
+finish and the tables are written.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
+from pathlib import Path
 
 from orchestrator.config import ConfigError, DataConfig, load_run_config
 
@@ -84,9 +88,10 @@ def cmd_data(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking import default_tracking_uri, ensure_store
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    ensure_store(uri)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"serving {uri} on http://{args.host}:{args.port}")
     os.execv(sys.executable, cmd)
@@ -107,6 +112,30 @@ def cmd_tables(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from orchestrator.sweep import format_cells, plan_sweep, run_sweep
+
+    if args.dry_run:
+        ablation, _, cells, notes, experiment, uri = plan_sweep(args.ablation, args.overrides)
+        print(format_cells(ablation, cells, notes))
+        print(f"\nevery cell is valid; it would log to experiment {experiment!r} at {uri}")
+        return 0
+    outcome = run_sweep(args.ablation, args.overrides, resume=args.resume)
+    print()
+    print(outcome.table_markdown)
+    print()
+    ran = outcome.cells - outcome.skipped
+    print(f"sweep {outcome.name!r}: {outcome.cells} cells ({ran} run now, {outcome.skipped} finished before), "
+          f"{len(outcome.failed)} failed, {outcome.elapsed_s / 60:.1f} min")
+    for name, error in outcome.failed.items():
+        print(f"  FAILED {name}: {error}")
+    if outcome.table_files:
+        print(f"tables: {Path(outcome.table_files[0]).parent}")
+    print(f"MLflow parent run {outcome.parent_run_id} in experiment {outcome.experiment!r} at {outcome.tracking_uri}")
+    print("Browse it with: orchestrator ui")
+    return 1 if outcome.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pipeline.0.lr=1e-5 data.train_size=2000")
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed (from the latest checkpoint)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run an ablation grid on Ray Tune, then build its paper tables")
+    p.add_argument("ablation", help="ablation YAML, e.g. ablations/quick.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the base run config, e.g. data.train_size=1000")
+    p.add_argument("--dry-run", action="store_true", help="validate every cell and print them; train nothing")
+    p.add_argument("--resume", action="store_true", help="continue this sweep: finished cells are not rerun")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("data", help="build a DIR dataset to Parquet and print its histogram and regions")
     p.add_argument("action", choices=["build"])
@@ -147,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     # the Ray workers, which get the driver's working directory on their path.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting `field=value` overrides at the first flag (`sweep F --dry-run a=b`).
+    stray = [x for x in extra if not re.match(r"^[A-Za-z_][\w.\-]*=", x)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     # `train cfg.yaml a=b`: argparse puts a lone `a=b` in `config`; treat it as an override.
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]

@@ -356,6 +356,24 @@ class TrackingConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
 
 
+class StageDefaults(_Strict):
+    """Settings for every stage of a kind (`stages.grpo.group_size: 8`), so a pipeline written as a
+    shorthand (`sft:ce -> grpo:ccc`) or swept as an ablation axis keeps them. A field set on a stage
+    itself (`pipeline.1.group_size`) wins over these, and these over the stage's own defaults."""
+
+    sft: dict[str, Any] = Field(default_factory=dict)
+    grpo: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> "StageDefaults":
+        for kind, model in (("sft", SFTStage), ("grpo", GRPOStage)):
+            unknown = sorted(set(getattr(self, kind)) - set(model.model_fields) | ({"kind"} & set(getattr(self, kind))))
+            if unknown:
+                allowed = ", ".join(f for f in model.model_fields if f != "kind")
+                raise ValueError(f"stages.{kind}: unknown field(s) {', '.join(unknown)}; allowed: {allowed}")
+        return self
+
+
 class RunConfig(_Strict):
     """One training run: a pipeline of stages on one dataset, evaluated with DIR metrics."""
 
@@ -365,6 +383,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pipeline: list[Stage] = Field(default_factory=lambda: [SFTStage()])
+    stages: StageDefaults = Field(default_factory=StageDefaults)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -374,10 +393,20 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _pipeline_shorthand(cls, values: Any) -> Any:
-        # `pipeline: "sft:ce -> grpo:ccc"` plus optional `stages:` overrides per kind.
-        if isinstance(values, dict) and isinstance(values.get("pipeline"), str):
-            values = dict(values)
+        # `pipeline: "sft:ce -> grpo:ccc"`, then `stages.<kind>` fills what a stage does not set itself.
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if isinstance(values.get("pipeline"), str):
             values["pipeline"] = parse_pipeline(values["pipeline"])
+        defaults = values.get("stages") or {}
+        if isinstance(defaults, StageDefaults):
+            defaults = defaults.model_dump()
+        if isinstance(defaults, dict) and isinstance(values.get("pipeline"), list):
+            values["pipeline"] = [
+                {**(defaults.get(stage.get("kind", "sft")) or {}), **stage} if isinstance(stage, dict) else stage
+                for stage in values["pipeline"]
+            ]
         return values
 
     @model_validator(mode="after")
@@ -398,7 +427,10 @@ class RunConfig(_Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        parts = [str(p) for p in e["loc"] if not str(p).startswith("function-after")]
+        # pydantic names the union member it tried (pipeline.0.sft.loss); the user wrote pipeline.0.loss
+        parts = [p for i, p in enumerate(parts) if not (i >= 2 and parts[i - 2] == "pipeline" and p in ("sft", "grpo"))]
+        loc = ".".join(parts)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -420,13 +452,20 @@ def _coerce_scalar(text: str) -> Any:
 
 
 def apply_override(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
-    """Set `a.b.0.c=value` in a nested dict/list tree (copy-on-write)."""
+    """Set `a.b.0.c=value` in a nested dict/list tree (copy-on-write); the value is a YAML scalar."""
     if "=" not in dotted:
         raise ConfigError(f"override {dotted!r} must look like field.path=value")
     path, _, raw = dotted.partition("=")
+    return set_field(tree, path, _coerce_scalar(raw), what=f"override {dotted!r}")
+
+
+def set_field(tree: dict[str, Any], path: str, value: Any, what: str | None = None) -> dict[str, Any]:
+    """Set the dotted field `path` (list items by index) to `value` in a copy of `tree`. Missing
+    sections are created (validation names unknown ones); a shorthand pipeline is expanded on the way."""
+    what = what or f"field {path!r}"
     keys = [k for k in path.strip().split(".") if k]
     if not keys:
-        raise ConfigError(f"override {dotted!r} has an empty field path")
+        raise ConfigError(f"{what} has an empty field path")
     tree = copy.deepcopy(tree)
     node: Any = tree
     for i, key in enumerate(keys):
@@ -434,12 +473,12 @@ def apply_override(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
         where = ".".join(keys[: i + 1])
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {where} is not an index of a {len(node)}-element list")
+                raise ConfigError(f"{what}: {where} is not an index of a {len(node)}-element list")
             key = int(key)
         elif not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} is not a section")
+            raise ConfigError(f"{what}: {'.'.join(keys[:i])} is not a section")
         if last:
-            node[key] = _coerce_scalar(raw)
+            node[key] = copy.deepcopy(value)
         else:
             if isinstance(node, dict) and key not in node:
                 node[key] = {}
@@ -459,17 +498,17 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_run_config(
+def load_run_tree(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-) -> RunConfig:
-    """Read YAML (or a dict), apply dotted overrides, validate. Raises ConfigError with every problem."""
-    # Start from the full defaults so overrides can reach into default lists (pipeline.0.lr=...).
+) -> dict[str, Any]:
+    """The unvalidated config tree: defaults, then `base`, then the YAML file, then dotted overrides."""
+    # Start from the full defaults, the pipeline as its shorthand so `stages.<kind>` can fill it
+    # (an override such as pipeline.0.lr=... expands the shorthand on the way in).
     tree: dict[str, Any] = RunConfig().model_dump(mode="json")
+    tree["pipeline"] = RunConfig().pipeline_label()
     if base:
         tree = _deep_merge(tree, base)
-    source = "defaults"
     if path is not None:
-        source = str(path)
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
@@ -484,12 +523,24 @@ def load_run_config(
         tree = _deep_merge(tree, loaded)
     for item in overrides or []:
         tree = apply_override(tree, item)
+    return tree
+
+
+def validate_run_tree(tree: dict[str, Any], source: str = "defaults") -> RunConfig:
+    """A RunConfig, or a ConfigError listing every problem with its dotted field."""
     try:
         return RunConfig.model_validate(tree)
     except ConfigError:
         raise
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read YAML (or a dict), apply dotted overrides, validate. Raises ConfigError with every problem."""
+    return validate_run_tree(load_run_tree(path, overrides, base), str(path) if path is not None else "defaults")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -28,9 +28,7 @@ def default_tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = resolve_path("mlruns")
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{resolve_path('mlruns') / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(cfg: RunConfig) -> str:
@@ -43,7 +41,14 @@ def _artifact_root(uri: str) -> str | None:
     return None  # a tracking server decides
 
 
+def ensure_store(uri: str) -> None:
+    """A local SQLite store's folder exists before MLflow opens it (a dry run creates nothing)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+
+
 def ensure_experiment(client, name: str, uri: str) -> str:
+    ensure_store(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

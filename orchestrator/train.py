@@ -230,7 +230,33 @@ class RunOutcome:
     metrics: dict[str, float]
 
 
-def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures: int = 0) -> RunOutcome:
+@dataclass
+class PreparedRun:
+    """What a run needs before Ray starts, each piece checked: the built dataset, a model source the
+    workers can load, the tracking store."""
+
+    cfg: RunConfig
+    dataset: Any  # BuiltDataset
+    model_source: str
+    tracking_uri: str
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
+    """Every check that bad input can fail, and the (cached) data build; no training compute."""
+    check_rewards(cfg)
+    built = build_dataset(cfg.data)
+    model_source = resolve_source(cfg.model)
+    check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
+    return PreparedRun(cfg, built, model_source, resolve_tracking_uri(cfg))
+
+
+def run_training(
+    cfg: RunConfig,
+    parent_run_id: str | None = None,
+    max_failures: int = 0,
+    prepared: PreparedRun | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> RunOutcome:
     """Everything that can fail on bad input happens before Ray starts a single worker."""
     from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig
@@ -238,12 +264,9 @@ def run_training(cfg: RunConfig, parent_run_id: str | None = None, max_failures:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_rewards(cfg)
-    built = build_dataset(cfg.data)
-    model_source = resolve_source(cfg.model)
-    check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
-    uri = resolve_tracking_uri(cfg)
-    run_id = start_or_resume_run(cfg, parent_run_id)
+    prepared = prepared or prepare_run(cfg)
+    built, model_source, uri = prepared.dataset, prepared.model_source, prepared.tracking_uri
+    run_id = start_or_resume_run(cfg, parent_run_id, extra_tags)
     try:
         init_ray()
         trainer = TorchTrainer(

@@ -67,3 +67,21 @@ def test_flatten_and_override_copy():
     assert tree["l"][0]["x"] == 1 and new["l"][0]["x"] == 2
     flat = flatten(load_run_config())
     assert flat["pipeline.0.loss"] == "ce" and flat["data.name"] == "movies"
+
+
+def test_stage_defaults_fill_every_stage_of_their_kind_and_lose_to_the_stage(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "pipeline: sft:ce -> grpo:ccc -> grpo:mae\n"
+        "stages: {sft: {lr: 3.0e-3, steps: 7}, grpo: {group_size: 8, steps: 5}}\n"
+    )
+    cfg = load_run_config(path, ["pipeline.2.group_size=2"])
+    assert (cfg.pipeline[0].lr, cfg.pipeline[0].steps) == (3e-3, 7)
+    assert [s.group_size for s in cfg.pipeline[1:]] == [8, 2]  # the stage's own field wins
+    assert cfg.pipeline[1].steps == 5 and cfg.pipeline[1].lr == 1e-5  # untouched fields keep their defaults
+    # defaults also reach a default pipeline, and survive a dump/validate round trip (Ray workers do this)
+    cfg = load_run_config(overrides=["stages.sft.steps=3"])
+    assert cfg.pipeline[0].steps == 3
+    assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ConfigError, match=r"stages.grpo: unknown field\(s\) groupsize"):
+        load_run_config(overrides=["stages.grpo.groupsize=3"])

@@ -1,0 +1,127 @@
+"""Ablation files: expansion into cells, validation before compute, stable names, the parent run."""
+
+import json
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError
+from orchestrator.sweep import base_fingerprint, base_values, expand_cells, load_ablation, open_parent
+
+BASE = {
+    "data": {"train_size": 300, "max_per_label": 2, "many_threshold": 12, "few_threshold": 4},
+    "stages": {"sft": {"steps": 5}, "grpo": {"steps": 2, "max_new_tokens": 24}},
+}
+
+
+def write(tmp_path, **ablation):
+    ablation.setdefault("name", "abl")
+    ablation.setdefault("base", BASE)
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump(ablation, sort_keys=False))
+    return path
+
+
+def cells_of(tmp_path, **ablation):
+    return expand_cells(*load_ablation(write(tmp_path, **ablation)))
+
+
+def test_axes_cross_and_paired_groups_zip(tmp_path):
+    cells, notes = cells_of(
+        tmp_path,
+        axes={"pipeline": ["sft:ce", "sft:softlabel"], "seed": [1, 2, 3]},
+        paired=[{"data.max_per_label": [2, 3], "data.few_threshold": [4, 5]}],
+    )
+    assert len(cells) == 2 * 3 * 2 and not notes
+    combos = {(c.cfg.pipeline_label(), c.cfg.seed, c.cfg.data.max_per_label, c.cfg.data.few_threshold) for c in cells}
+    assert ("sft:softlabel", 3, 3, 5) in combos and ("sft:ce", 1, 2, 5) not in combos  # zipped, not crossed
+    assert len({c.name for c in cells}) == len(cells)
+
+
+def test_stage_knobs_apply_to_their_kind_and_inapplicable_cells_merge(tmp_path):
+    cells, notes = cells_of(
+        tmp_path, axes={"pipeline": ["sft:ce", "sft:ce -> grpo:ccc"], "stages.grpo.group_size": [2, 4]}
+    )
+    # sft:ce has no GRPO stage: its two cells are one run; the chain gets both values
+    assert len(cells) == 3 and len(notes) == 1 and "does not apply" in notes[0]
+    chains = [c for c in cells if len(c.cfg.pipeline) == 2]
+    assert sorted(c.cfg.pipeline[1].group_size for c in chains) == [2, 4]
+    assert all(c.cfg.pipeline[0].steps == 5 and c.cfg.pipeline[1].steps == 2 for c in chains)  # base stage settings kept
+
+
+def test_exclusions_match_normalised_pipelines(tmp_path):
+    cells, _ = cells_of(
+        tmp_path, axes={"pipeline": ["sft:ce", "sft:ce → grpo:mae"], "seed": [1, 2]},
+        exclude=[{"pipeline": "sft:ce -> grpo:mae", "seed": 2}],
+    )
+    assert sorted((c.cfg.pipeline_label(), c.cfg.seed) for c in cells) == [
+        ("sft:ce", 1), ("sft:ce", 2), ("sft:ce -> grpo:mae", 1)
+    ]
+
+
+def test_cell_names_are_stable_and_readable(tmp_path):
+    first, _ = cells_of(tmp_path, axes={"pipeline": ["sft:ce -> grpo:ccc"], "seed": [7]})
+    again, _ = cells_of(tmp_path, axes={"seed": [7], "pipeline": ["sft:ce -> grpo:ccc"]}, description="reordered")
+    assert first[0].name.startswith("abl-sft-ce-grpo-ccc_7-")
+    # the name depends on what the ablation sets, not on the order of axes or on unrelated fields
+    assert {c.name.rsplit("-", 1)[1] for c in first} == {c.name.rsplit("-", 1)[1] for c in again}
+
+
+@pytest.mark.parametrize(
+    "ablation, fragment",
+    [
+        ({"axes": {"seed": []}}, "axes.seed: an empty axis"),
+        ({"axes": {"seed": [1, 1]}}, "axes.seed: lists 1 more than once (duplicate cells)"),
+        ({"axes": {"pipeline": ["sft:ce", "sft:ce "]}}, "lists sft:ce more than once"),
+        ({"axes": {"seed": [1]}, "paired": [{"seed": [2]}]}, "paired.0.seed: the field is swept twice"),
+        ({"paired": [{"seed": [1, 2], "data.seed": [1]}]}, "value lists differ in length"),
+        ({"axes": {"seed": [1]}, "exclude": [{"data.seed": 1}]}, "exclude.0: names no swept field (data.seed)"),
+        ({"axes": {"seed": [1]}, "axis": {}}, "axis: unknown field"),
+        ({"axes": {"pipeline.0.lr": [-1.0]}}, "cell pipeline.0.lr=-1.0"),
+        ({"axes": {"data.nmae": ["movies"]}}, "data.nmae: unknown field"),
+        ({"axes": {"pipeline": ["sft:xx"]}}, "unknown SFT loss 'xx'"),
+        ({"axes": {"seed": [1]}, "exclude": [{"seed": 1}]}, "every cell is excluded"),
+    ],
+)
+def test_bad_ablations_are_refused_before_compute(tmp_path, ablation, fragment):
+    with pytest.raises(ConfigError) as err:
+        cells_of(tmp_path, **ablation)
+    assert fragment in str(err.value)
+
+
+def test_base_values_for_the_tables(tmp_path):
+    ablation, tree = load_ablation(write(tmp_path, axes={"pipeline": ["sft:ce"], "stages.grpo.group_size": [2],
+                                                          "data.max_per_label": [3]}))
+    assert base_values(ablation, tree) == {"pipeline": "sft:ce", "stages.grpo.group_size": 4, "data.max_per_label": 2}
+
+
+def test_parent_run_is_refused_twice_and_resume_refuses_a_changed_base(tmp_path):
+    path = write(tmp_path, axes={"seed": [1, 2]})
+    ablation, tree = load_ablation(path)
+    cells, _ = expand_cells(ablation, tree)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    fp = base_fingerprint(path, ablation, [])
+    parent = open_parent(ablation, path.read_text(), cells, {}, uri, "exp", False, fp)
+    with pytest.raises(ConfigError, match="already has a parent run .* --resume"):
+        open_parent(ablation, path.read_text(), cells, {}, uri, "exp", False, fp)
+    assert open_parent(ablation, path.read_text(), cells, {}, uri, "exp", True, fp) == parent
+    changed = base_fingerprint(path, ablation, ["data.train_size=100"])
+    with pytest.raises(ConfigError, match="base config or overrides changed"):
+        open_parent(ablation, path.read_text(), cells, {}, uri, "exp", True, changed)
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(uri).get_run(parent).data.tags
+    assert json.loads(tags["orchestrator.axes"]) == ["seed"] and tags["orchestrator.role"] == "sweep"
+
+
+def test_dry_run_validates_every_cell_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))
+    path = write(tmp_path, axes={"pipeline": ["sft:ce", "sft:ce -> grpo:ccc"], "seed": [1, 2]})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 cell(s)" in out and "every cell is valid" in out
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "results").exists()
+    # a generation budget too short for the answer is found by the preflight, naming the cell
+    assert main(["sweep", str(path), "--dry-run", "stages.grpo.max_new_tokens=8"]) == 2
+    assert "pipeline.1.max_new_tokens=8 cannot hold the answer" in capsys.readouterr().err
