@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# The main job: the quick ablation grid, then its paper table. --resume makes it safe to rerun: finished
+# cells are kept, missing ones run, the table is rebuilt.
 demo: setup
-	$(VENV)/bin/orchestrator train ablations/demo.yaml
+	$(VENV)/bin/orchestrator sweep ablations/quick.yaml --resume
 
 test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import ConfigError, DataConfig, load_run_config
+from orchestrator.tracking import TrackingUnavailable  # light: mlflow is imported inside the functions
 
 EXIT_USER_ERROR = 2
 
@@ -26,7 +27,7 @@ def _user_errors():
     from orchestrator.models import ModelError
     from orchestrator.tables import TablesError
 
-    return (ConfigError, DataError, ModelError, TablesError)
+    return (ConfigError, DataError, ModelError, TablesError, FileNotFoundError)
 
 
 def format_metrics_table(metrics: dict[str, float], splits=("val", "test")) -> str:
@@ -136,6 +137,14 @@ def cmd_sweep(args) -> int:
     return 1 if outcome.failed else 0
 
 
+def cmd_resend(args) -> int:
+    from orchestrator.tracking import resend_spool
+
+    sent = resend_spool(args.spool, args.tracking_uri)
+    print(f"sent {sent} saved metric/tag/artifact entries from {args.spool}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="data fields, e.g. train_size=2000 max_per_label=5")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("resend", help="deliver metrics a run saved locally while its tracking store was unreachable")
+    p.add_argument("spool", help="the unsent_mlflow.jsonl file named in the run's error")
+    p.add_argument("--tracking-uri", help="send to this store instead of the one recorded in the file")
+    p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the local store (127.0.0.1 unless --host)")
     p.add_argument("--host", default="127.0.0.1")
@@ -200,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrackingUnavailable as exc:  # the run's results are safe locally; say where, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

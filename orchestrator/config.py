@@ -157,6 +157,11 @@ class DataConfig(_Strict):
     many_threshold: int = Field(100, ge=1, description="A bin with more training samples than this is 'many'.")
     few_threshold: int = Field(20, ge=1, description="A bin with fewer training samples than this is 'few'.")
     seed: int = Field(0, description="Seed of the split; independent of the training seed.")
+    prompt_style: Literal["full", "compact"] = Field(
+        "full",
+        description="full: an instruction, one 'Name: value' line per feature, the answer format. compact: the "
+        "feature values alone, ' | '-separated, for tiny models trained from scratch (text datasets only).",
+    )
     digit_count: DigitCountConfig = Field(default_factory=DigitCountConfig, description="Options of `digit-count`.")
     manifest: ManifestConfig = Field(default_factory=ManifestConfig, description="Options of `manifest`.")
 
@@ -173,12 +178,16 @@ class DataConfig(_Strict):
             )
         if self.name == "manifest" and not self.manifest.path:
             raise ValueError("data.name=manifest needs data.manifest.path (a .parquet, .jsonl or .csv file)")
+        if self.prompt_style == "compact" and self.name in ("digit-count", "manifest"):
+            raise ValueError(f"data.prompt_style=compact applies to the text datasets, not {self.name!r}")
         return self
 
     def fingerprint(self) -> str:
         """Stable short hash of everything that changes the built splits (root excluded). A section of
         dataset options counts only for its own dataset; a manifest counts with its file's size and mtime."""
-        payload = self.model_dump(exclude={"root", "digit_count", "manifest"})
+        payload = self.model_dump(exclude={"root", "digit_count", "manifest", "prompt_style"})
+        if self.prompt_style != "full":  # builds made before the option existed keep their fingerprint
+            payload["prompt_style"] = self.prompt_style
         if self.name == "digit-count":
             payload["digit_count"] = self.digit_count.model_dump()
         if self.name == "manifest":
@@ -354,6 +363,10 @@ class TrackingConfig(_Strict):
     experiment: str = "orchestrator"
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the local SQLite store.")
     log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+    flush_timeout_s: float = Field(
+        300.0, ge=0, description="At the end of a run, how long to wait for an unreachable tracking store before "
+        "failing the run with the unsent metrics saved locally (training itself never waits on the store).",
+    )
 
 
 class StageDefaults(_Strict):

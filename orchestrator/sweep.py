@@ -44,6 +44,7 @@ SWEEP_TAG = "orchestrator.sweep"
 ROLE_TAG = "orchestrator.role"
 CELL_TAG = "orchestrator.cell"
 BASE_TAG = "orchestrator.base_fingerprint"
+TRIAL_MEMORY = 64 * 1024**2  # what a Tune trial reserves (it only waits on its TorchTrainer)
 STAGE_KINDS = {"sft": SFTStage, "grpo": GRPOStage}
 
 
@@ -444,7 +445,7 @@ class SweepProgress:
     latest training metrics of the running ones (read from MLflow, where rank 0 logs them)."""
 
     def __init__(self, names: dict[int, str], uri: str, experiment: str, done_before: int, total: int,
-                 every_s: float = 30.0, out=None):
+                 every_s: float = float(os.environ.get("ORCHESTRATOR_PROGRESS_EVERY_S", 30)), out=None):
         self.names, self.uri, self.experiment, self.total, self.every_s = names, uri, experiment, total, every_s
         self.done_before = done_before
         self.out = out or sys.stdout
@@ -502,8 +503,8 @@ class SweepProgress:
             step = next((int(x.step) for x in client.get_metric_history(runs[0].info.run_id, "train/loss")[-1:]), None)
             bits = [f"step {step}" if step is not None else "", *(f"{k.split('/', 1)[1]} {m[k]:.3g}" for k in ("train/loss", "train/reward/mean") if k in m)]
             return f"{name}: " + ", ".join(b for b in bits if b) if any(bits) else f"{name}: starting"
-        except Exception:  # the view must never break the sweep
-            return ""
+        except Exception as exc:  # the view must never break the sweep
+            return f"{name}: ({type(exc).__name__}: {exc})"[:200]
 
 
 def _tune_callback(progress: SweepProgress):
@@ -519,7 +520,7 @@ def _tune_callback(progress: SweepProgress):
         def on_trial_error(self, iteration, trials, trial, **info):
             progress.error(trial)
 
-        def on_step(self, iteration, trials, **info):
+        def on_step_end(self, iteration, trials, **info):
             progress.summary()
 
     return _Callback()
@@ -592,8 +593,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: b
                 _cell_trial, cells=payload, parent_run_id=parent, home=str(resolve_path(".")),
                 max_failures=ablation.max_failures,
             )
-            # The trial only drives its TorchTrainer, whose workers hold the real CPUs/GPUs; Tune refuses 0.
-            trainable = tune.with_resources(trainable, {"CPU": 0.01})
+            # The trial only drives its TorchTrainer, whose workers hold the CPUs/GPUs. Even 0.01 CPU per
+            # trial would make two 1-CPU cells need 2.02 CPUs of 2 and run one after the other; Tune refuses
+            # an empty request, so a trial asks for a little memory instead.
+            trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY})
             progress = SweepProgress({i: c.name for i, c in enumerate(todo)}, uri, experiment, len(done), len(cells), out=out)
             tuner = tune.Tuner(
                 trainable,

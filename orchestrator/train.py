@@ -20,7 +20,7 @@ from orchestrator.config import ConfigError, RunConfig, resolve_storage
 from orchestrator.data import build_dataset, load_built
 from orchestrator.evaluate import format_answer
 from orchestrator.models import add_lora_adapters, digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
-from orchestrator.tracking import RunLogger, finish_run, resolve_tracking_uri, start_or_resume_run
+from orchestrator.tracking import RunLogger, check_tracking_store, finish_run, resolve_tracking_uri, start_or_resume_run
 
 STATE_FILE = "orchestrator_state.json"
 
@@ -247,7 +247,9 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     built = build_dataset(cfg.data)
     model_source = resolve_source(cfg.model)
     check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
-    return PreparedRun(cfg, built, model_source, resolve_tracking_uri(cfg))
+    uri = resolve_tracking_uri(cfg)
+    check_tracking_store(uri)
+    return PreparedRun(cfg, built, model_source, uri)
 
 
 def run_training(
@@ -292,8 +294,8 @@ def run_training(
         )
         trainer.fit()
     except BaseException as exc:
-        finish_run(uri, run_id, exc)
+        finish_run(uri, run_id, exc, retry_for_s=cfg.tracking.flush_timeout_s)
         raise
-    finish_run(uri, run_id)
+    finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s)
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
     return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)

@@ -102,14 +102,14 @@ def test_bad_input_gets_specific_errors(tmp_path, monkeypatch):
     ],
 )
 def test_bad_frames(tmp_path, monkeypatch, frame, message):
-    monkeypatch.setitem(DATASETS, "broken", DatasetSpec("broken", lambda: frame, 1.0, "d", "t"))
+    monkeypatch.setitem(DATASETS, "broken", DatasetSpec("broken", lambda cfg: frame, 1.0, "d", "t"))
     with pytest.raises(DataError, match=message):
         build_dataset(DataConfig(name="broken", root=str(tmp_path)))
 
 
 def test_empty_split_is_refused(tmp_path, monkeypatch):
     frame = pd.DataFrame({"id": range(4), "prompt": ["p"] * 4, "target": [1.0, 2.0, 3.0, 4.0]})  # every bin < 3 rows
-    monkeypatch.setitem(DATASETS, "sparse", DatasetSpec("sparse", lambda: frame, 1.0, "d", "t"))
+    monkeypatch.setitem(DATASETS, "sparse", DatasetSpec("sparse", lambda cfg: frame, 1.0, "d", "t"))
     with pytest.raises(DataError, match="the val split is empty; lower data.max_per_label"):
         build_dataset(DataConfig(name="sparse", root=str(tmp_path)))
 
@@ -117,7 +117,7 @@ def test_empty_split_is_refused(tmp_path, monkeypatch):
 def test_a_split_column_from_a_source_is_kept_as_given(tmp_path, monkeypatch):
     splits = ["train", "train", "val", "test", "train", "val", "test", "train"]
     frame = pd.DataFrame({"id": range(8), "prompt": ["p"] * 8, "target": [1.0, 1, 2, 2, 3, 3, 3, 1], "split": splits})
-    monkeypatch.setitem(DATASETS, "given", DatasetSpec("given", lambda: frame, 1.0, "d", "t"))
+    monkeypatch.setitem(DATASETS, "given", DatasetSpec("given", lambda cfg: frame, 1.0, "d", "t"))
     built = build_dataset(DataConfig(name="given", root=str(tmp_path), many_threshold=2, few_threshold=2))
     for split in ("train", "val", "test"):
         assert built.load(split).column("id").to_pylist() == [i for i, s in enumerate(splits) if s == split]
@@ -132,6 +132,23 @@ def test_a_split_column_from_a_source_is_kept_as_given(tmp_path, monkeypatch):
 
 def test_a_bad_split_value_from_a_source_is_refused(tmp_path, monkeypatch):
     frame = pd.DataFrame({"id": range(3), "prompt": ["p"] * 3, "target": [1.0, 2.0, 3.0], "split": ["train", "val", "dev"]})
-    monkeypatch.setitem(DATASETS, "devsplit", DatasetSpec("devsplit", lambda: frame, 1.0, "d", "t"))
+    monkeypatch.setitem(DATASETS, "devsplit", DatasetSpec("devsplit", lambda cfg: frame, 1.0, "d", "t"))
     with pytest.raises(DataError, match="bad split 'dev' in row 2; allowed: train, val, test"):
         build_dataset(DataConfig(name="devsplit", root=str(tmp_path)))
+
+
+def test_compact_prompts_keep_the_features_and_drop_the_words():
+    from orchestrator.config import ConfigError, DataConfig, load_run_config
+    from orchestrator.data.sources import load_source, render_prompt
+
+    features = [("~Title", "Casablanca"), ("Year", "1942"), ("Genres", "Drama, Romance")]
+    assert render_prompt("Rate it.", features, "compact") == "1942 | Drama, Romance"
+    assert render_prompt("Rate it.", features, "full") == (
+        "Rate it.\nTitle: Casablanca\nYear: 1942\nGenres: Drama, Romance\nAnswer with <answer>NUMBER</answer>."
+    )
+    _, full = load_source(DataConfig(name="movies"))
+    _, compact = load_source(DataConfig(name="movies", prompt_style="compact"))
+    assert (full.target == compact.target).all() and compact.prompt.str.len().mean() < full.prompt.str.len().mean() / 4
+    assert DataConfig(name="movies").fingerprint() != DataConfig(name="movies", prompt_style="compact").fingerprint()
+    with pytest.raises(ConfigError, match="prompt_style=compact applies to the text datasets"):
+        load_run_config(overrides=["data.name=digit-count", "data.prompt_style=compact", "model.tiny.architecture=smolvlm"])

@@ -303,7 +303,7 @@ TINY_RUN = [  # as in tests/test_e2e_train.py, on one worker
     "eval.batch_size=24",
     "eval.max_new_tokens=24",
     "tracking.log_every=5",
-    "pipeline.0.steps=10",
+    "stages.sft.steps=10",
     "scaling.num_workers=1",
 ]
 
@@ -410,36 +410,39 @@ def test_ray_job_submit_to_the_scripted_head(tmp_path):
         # The documented line, with the exported environment: the driver runs in Ray's copy of
         # the checkout, yet writes data, checkpoints and the MLflow run under ORCHESTRATOR_HOME.
         t0 = time.perf_counter()
+        ablation = home / "infra-grid.yaml"
+        ablation.write_text(yaml.safe_dump({"name": "infra-grid", "overrides": TINY_RUN, "axes": {"seed": [1, 2]}}))
         submitted = subprocess.run(
-            [str(RAY_BIN), "job", "submit", "--working-dir", ".",
-             "--", "python", "jobs/train.py", "name=infra-e2e", *TINY_RUN],
+            [str(RAY_BIN), "job", "submit", "--working-dir", ".", "--", "python", "jobs/sweep.py", str(ablation)],
             cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base_env, **exports},
         )  # fmt: skip
-        timings["train job"] = time.perf_counter() - t0
+        timings["sweep job"] = time.perf_counter() - t0
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
         assert "succeeded" in submitted.stdout + submitted.stderr
+        assert "| pipeline |" in submitted.stdout  # the job's log ends with the paper table
 
         status, body = http_status(f"{api}/api/jobs/", token)
         jobs = json.loads(body)
         assert status == 200 and len(jobs) == 2, jobs  # the refused submissions never arrived
         assert all(j["status"] == "SUCCEEDED" for j in jobs)
-        assert any("jobs/train.py" in j["entrypoint"] for j in jobs)
+        assert any("jobs/sweep.py" in j["entrypoint"] for j in jobs)
 
         from mlflow import MlflowClient
 
         store = home / "mlruns" / "mlflow.db"
         assert store.is_file(), "the MLflow store is not under ORCHESTRATOR_HOME"
         client = MlflowClient(f"sqlite:///{store}")
-        runs = client.search_runs(
-            [client.get_experiment_by_name("orchestrator").experiment_id],
-            filter_string="attributes.run_name = 'infra-e2e'",
-        )
-        assert len(runs) == 1
-        run = runs[0]
-        assert run.info.status == "FINISHED"
-        assert {"test/all/mae", "test/few/mae", "val/all/mae"} <= set(run.data.metrics)
-        assert run.data.params["scaling.num_workers"] == "1"
-        assert any((home / "results" / "infra-e2e").glob("checkpoint_*"))
+        runs = client.search_runs([client.get_experiment_by_name("infra-grid").experiment_id])
+        parent = [r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]
+        cells = [r for r in runs if "orchestrator.cell" in r.data.tags]
+        assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+        assert len(cells) == 2 and all(r.info.status == "FINISHED" for r in cells)
+        assert {r.data.params["seed"] for r in cells} == {"1", "2"}
+        for run in cells:
+            assert {"test/all/mae", "test/few/mae", "val/all/mae"} <= set(run.data.metrics)
+            assert run.data.params["scaling.num_workers"] == "1"
+            assert any((home / "results" / "infra-grid" / run.info.run_name).glob("checkpoint_*"))
+        assert (home / "results" / "tables" / "infra-grid" / "paper.md").is_file()
         assert (home / "data").is_dir()
     finally:
         head_pid = int((state / "head.pid").read_text()) if (state / "head.pid").exists() else None

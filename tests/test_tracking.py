@@ -1,0 +1,109 @@
+"""The rank-0 logger when the tracking store goes away: nothing is lost, training never waits."""
+
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.tracking import SPOOL_NAME, RunLogger, TrackingUnavailable, resend_spool
+
+
+@pytest.fixture()
+def run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("t"))
+    return uri, run.info.run_id, client
+
+
+def history(client, run_id, key="train/loss"):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def break_store(logger, times):
+    """The next `times` sends fail as an unreachable server would; later ones go through."""
+    real = logger.client.log_batch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise ConnectionError("connection refused")
+        return real(*args, **kwargs)
+
+    logger.client.log_batch = flaky
+    return calls
+
+
+def test_a_healthy_store_gets_everything_and_no_spool_is_left(run, tmp_path):
+    uri, run_id, client = run
+    logger = RunLogger(uri, run_id, tmp_path / "spool")
+    for step in range(1, 6):
+        logger.log_metrics({"train/loss": 1.0 / step, "train/bad": float("nan")}, step)
+    logger.set_tag("resumed", "no")
+    logger.close(flush_timeout_s=30)
+    assert history(client, run_id) == [(s, 1.0 / s) for s in range(1, 6)]
+    assert history(client, run_id, "train/bad") == []  # non-finite values are skipped
+    assert client.get_run(run_id).data.tags["resumed"] == "no"
+    assert not (tmp_path / "spool" / SPOOL_NAME).exists()
+
+
+def test_an_outage_is_bridged_without_blocking_the_caller(run, tmp_path):
+    uri, run_id, client = run
+    logger = RunLogger(uri, run_id, tmp_path / "spool", retry_s=0.05, max_retry_s=0.2)
+    calls = break_store(logger, times=5)
+    for step in range(1, 21):
+        logger.log_metrics({"train/loss": float(step)}, step)
+    assert logger.failures < 5  # the calls returned while the sender was still failing: nobody waited on it
+    logger.close(flush_timeout_s=30)
+    assert calls["n"] > 5 and logger.failures == 5
+    assert history(client, run_id) == [(s, float(s)) for s in range(1, 21)]  # no gap, no duplicate
+    assert not (tmp_path / "spool" / SPOOL_NAME).exists()
+
+
+def test_a_store_that_never_returns_fails_loudly_with_everything_saved(run, tmp_path):
+    uri, run_id, client = run
+    logger = RunLogger(uri, run_id, tmp_path / "spool", retry_s=0.05, max_retry_s=0.1)
+    break_store(logger, times=10**9)
+    for step in (10, 20):
+        logger.log_metrics({"train/loss": step / 10}, step)
+    (tmp_path / "p.txt").write_text("predictions")
+    logger.log_artifact(tmp_path / "p.txt", "predictions")
+    (tmp_path / "p.txt").unlink()  # the caller's copy is gone; the logger kept its own
+    spool = tmp_path / "spool" / SPOOL_NAME
+    with pytest.raises(TrackingUnavailable, match=f"saved in {spool}.*orchestrator resend"):
+        logger.close(flush_timeout_s=0.5)
+    assert history(client, run_id) == []
+    # once the store is back, the saved entries are delivered as they were
+    assert resend_spool(spool) == 3
+    assert history(client, run_id) == [(10, 1.0), (20, 2.0)]
+    assert [a.path for a in client.list_artifacts(run_id, "predictions")] == ["predictions/p.txt"]
+    assert not spool.exists()
+
+
+def test_a_restarted_worker_sends_what_its_predecessor_could_not(run, tmp_path):
+    uri, run_id, client = run
+    first = RunLogger(uri, run_id, tmp_path / "spool", retry_s=0.05, max_retry_s=0.1)
+    break_store(first, times=10**9)
+    first.log_metrics({"train/loss": 0.5}, 40)
+    with pytest.raises(TrackingUnavailable):
+        first.close(flush_timeout_s=0.3)  # as if the worker died with the store down
+    second = RunLogger(uri, run_id, tmp_path / "spool")
+    second.log_metrics({"train/loss": 0.25}, 60)
+    second.close(flush_timeout_s=30)
+    assert history(client, run_id) == [(40, 0.5), (60, 0.25)]
+
+
+def test_an_unreachable_store_is_refused_before_compute(tmp_path):
+    import socket
+
+    from orchestrator.config import ConfigError
+    from orchestrator.tracking import check_tracking_store
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    with pytest.raises(ConfigError, match=f"cannot reach the MLflow tracking store http://127.0.0.1:{port}"):
+        check_tracking_store(f"http://127.0.0.1:{port}")  # one quick attempt, not MLflow's minutes of retries
+    check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'm.db'}")  # a store yet to be created is fine...
+    assert not (tmp_path / "new").exists()  # ...and checking it creates nothing
