@@ -20,7 +20,14 @@ from orchestrator.config import ConfigError, RunConfig, resolve_storage
 from orchestrator.data import build_dataset, load_built
 from orchestrator.evaluate import format_answer
 from orchestrator.models import add_lora_adapters, digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
-from orchestrator.tracking import RunLogger, check_tracking_store, finish_run, resolve_tracking_uri, start_or_resume_run
+from orchestrator.tracking import (
+    RunLogger,
+    check_tracking_store,
+    finish_run,
+    resolve_tracking_uri,
+    run_key,
+    start_or_resume_run,
+)
 
 STATE_FILE = "orchestrator_state.json"
 
@@ -75,7 +82,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
     model.to(device)
     dataset = load_built(loop_config["dataset_path"])
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool_dir"]) if rank == 0 else None
 
     def log(metrics: dict[str, float], step: int) -> None:
         if logger is not None:
@@ -137,6 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if logger is not None:
         logger.log_metrics(metrics, offset)
         log_predictions(logger, predictions, dataset)
+        logger.close(cfg.tracking.flush_timeout_s)  # everything queued reaches the store, or the run fails loudly
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
     ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}})
@@ -230,6 +238,17 @@ class RunOutcome:
     metrics: dict[str, float]
 
 
+def spool_dir(cfg: RunConfig) -> str:
+    """Where rank 0 keeps what the tracking store did not take yet: beside the run's checkpoints when
+    they are local, else in the user's cache (a restarted worker finds it in both)."""
+    storage = resolve_storage(cfg.storage_path)
+    if "://" in storage:
+        from orchestrator.models import default_cache_dir
+
+        return str(default_cache_dir() / "spool" / run_key(cfg))
+    return str(Path(storage) / cfg.name)
+
+
 @dataclass
 class PreparedRun:
     """What a run needs before Ray starts, each piece checked: the built dataset, a model source the
@@ -279,6 +298,7 @@ def run_training(
                 "dataset_path": str(built.path.resolve()),  # workers run in another cwd
                 "tracking_uri": uri,
                 "run_id": run_id,
+                "spool_dir": spool_dir(cfg),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
