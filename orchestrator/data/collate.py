@@ -45,12 +45,21 @@ def collate_sft(examples: Sequence[tuple[list[int], list[int]]], pad_token_id: i
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_prompts(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for batched generation."""
+def collate_prompts(
+    prompt_ids: Sequence[Sequence[int]], pad_token_id: int, side: str = "left"
+) -> dict[str, torch.Tensor]:
+    """Padded prompts: left for batched generation, right where a head reads each row's last token."""
     return {
-        "input_ids": pad_batch(prompt_ids, pad_token_id, side="left"),
-        "attention_mask": pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left"),
+        "input_ids": pad_batch(prompt_ids, pad_token_id, side=side),
+        "attention_mask": pad_batch([[1] * len(p) for p in prompt_ids], 0, side=side),
     }
+
+
+def collate_rvtc(examples: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, target bin) pairs -> right-padded prompts and the bins (rvtc reads the last real token)."""
+    batch = collate_prompts([e[0] for e in examples], pad_token_id, side="right")
+    batch["bins"] = torch.tensor([e[1] for e in examples], dtype=torch.long)
+    return batch
 
 
 def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:

@@ -32,6 +32,25 @@ class StageContext:
     log: Callable[[dict[str, float], int], None]  # rank-0 metric logger (no-op elsewhere)
     checkpoint: Callable[[Any, int, dict[str, float]], None]  # (engine, step_in_stage, metrics)
     extra: dict[str, Any] = field(default_factory=dict)
+    # vision.ImageOnlyProcessor when the model is a VLM AND the dataset has images; None keeps every
+    # stage on its text path (no image work at all).
+    processor: Any = None
+
+    def prompt_text(self, prompt: str) -> str:
+        """The user turn: the prompt, after the image placeholders when rows carry images."""
+        return prompt if self.processor is None else self.processor.prompt_text(prompt)
+
+    def image_column(self, table) -> list[bytes] | None:
+        """A split's encoded images (None on the text path); decoded per batch, never all at once."""
+        return None if self.processor is None else table.column("image").to_pylist()
+
+    def image_batch(self, images: list[bytes] | None, rows):
+        """Pixel inputs for these row indices (None on the text path)."""
+        if images is None:
+            return None
+        from orchestrator.vision import ImageBatch
+
+        return ImageBatch.from_bytes(self.processor, [images[int(i)] for i in rows])
 
 
 def deepspeed_json(stage, ds: DeepSpeedConfig, use_gpu: bool) -> dict[str, Any]:
@@ -147,12 +166,15 @@ def handoff_module(engine) -> torch.nn.Module:
 
     module = engine.module
     if engine.zero_optimization_stage() == 3:
-        from transformers import AutoModelForCausalLM
+        from orchestrator.rvtc import HEAD_ATTR, RvtcHead
 
         state = gathered_state_dict(engine)
         lora = module.peft_config["default"] if is_lora_model(module) else None
         base = module.get_base_model() if lora is not None else module
-        fresh = AutoModelForCausalLM.from_config(base.config)
+        fresh = type(base)(base.config)  # the same class: a VLM stays a VLM
+        head = getattr(base, HEAD_ATTR, None)
+        if head is not None:
+            setattr(fresh, HEAD_ATTR, RvtcHead(head.linear.in_features, head.bins, head.label_min, head.label_max))
         if lora is not None:
             from peft import get_peft_model
 

@@ -1,13 +1,17 @@
 """Evaluation inside the training workers: each worker generates greedily for its shard of the split,
-rank 0 gathers the completions, parses them and computes the DIR metrics (METHODS §1–2)."""
+rank 0 gathers the completions, parses them and computes the DIR metrics (METHODS §1–2).
+
+A model with an rvtc head answers through the head instead (expected bin centre; nothing to parse, so
+parse_fail_rate is 0), and its `completion` column holds the prediction in the answer format."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from orchestrator.data.collate import chat_prompt_ids
-from orchestrator.evaluate import evaluate_texts
+from orchestrator.data.collate import chat_prompt_ids, collate_prompts
+from orchestrator.evaluate import dir_metrics, evaluate_texts, format_answer
 from orchestrator.generation import decode_completions, generate
 from orchestrator.stages.common import StageContext, all_gather_objects, full_parameters
 
@@ -23,15 +27,47 @@ def generate_split(ctx: StageContext, model, table: pa.Table) -> list[str]:
     """Completions for every row of `table`, in row order, on every worker's shard; rank 0 gets all."""
     ec = ctx.cfg.eval
     prompts = table.column("prompt").to_pylist()
+    images = ctx.image_column(table)
     mine = list(range(ctx.rank, len(prompts), ctx.world_size))
     texts: dict[int, str] = {}
     for start in range(0, len(mine), ec.batch_size):
         rows = mine[start : start + ec.batch_size]
-        ids = [chat_prompt_ids(ctx.tokenizer, prompts[i]) for i in rows]
-        out = generate(model, ctx.tokenizer, ids, max_new_tokens=ec.max_new_tokens, device=ctx.device)
+        ids = [chat_prompt_ids(ctx.tokenizer, ctx.prompt_text(prompts[i])) for i in rows]
+        out = generate(
+            model, ctx.tokenizer, ids, max_new_tokens=ec.max_new_tokens, device=ctx.device,
+            images=ctx.image_batch(images, rows),
+        )
         texts.update(zip(rows, decode_completions(ctx.tokenizer, out)))
     merged: dict[int, str] = {}
     for part in all_gather_objects(texts):
+        merged.update(part)
+    return [merged[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def predict_split(ctx: StageContext, model, head, table: pa.Table) -> list[float]:
+    """rvtc predictions (Σ p_k · centre_k) for every row of `table`, in row order; rank 0 gets all."""
+    from orchestrator.rvtc import expected_values, head_logits
+
+    prompts = table.column("prompt").to_pylist()
+    images = ctx.image_column(table)
+    centres = head.centres()
+    mine = list(range(ctx.rank, len(prompts), ctx.world_size))
+    preds: dict[int, float] = {}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), ctx.cfg.eval.batch_size):
+        rows = mine[start : start + ctx.cfg.eval.batch_size]
+        ids = [chat_prompt_ids(ctx.tokenizer, ctx.prompt_text(prompts[i])) for i in rows]
+        batch = {k: v.to(ctx.device) for k, v in collate_prompts(ids, ctx.tokenizer.pad_token_id, side="right").items()}
+        pixels = ctx.image_batch(images, rows)
+        extra = pixels.inputs_for(batch["input_ids"]) if pixels is not None else {}
+        values = expected_values(head_logits(model, head, **batch, **extra), centres)
+        preds.update(zip(rows, values.tolist()))
+    if was_training:
+        model.train()
+    merged: dict[int, float] = {}
+    for part in all_gather_objects(preds):
         merged.update(part)
     return [merged[i] for i in range(len(prompts))]
 
@@ -42,10 +78,19 @@ def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float]
     metrics: dict[str, float] = {}
     predictions: dict[str, pa.Table] = {}
     train_targets = ds.train_targets()
+    from orchestrator.rvtc import find_rvtc_head
+
     with full_parameters(engine_or_model) as model:
+        head = find_rvtc_head(model)
         for split in ctx.cfg.eval.splits:
             table = ds.load(split)
             table = table.take(eval_rows(table.num_rows, ctx.cfg.eval.max_samples, ctx.cfg.seed))
+            if head is not None:
+                values = predict_split(ctx, model, head, table)
+                if ctx.rank == 0:
+                    metrics.update(head_metrics(ctx, split, values, table, train_targets))
+                    predictions[split] = prediction_table(table, [format_answer(v, decimals=4) for v in values], values)
+                continue
             texts = generate_split(ctx, model, table)
             if ctx.rank != 0:
                 continue
@@ -63,13 +108,27 @@ def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float]
                 seed=ctx.cfg.seed,
             )
             metrics.update({f"{split}/{k}": v for k, v in split_metrics.items()})
-            predictions[split] = pa.table(
-                {
-                    "id": table.column("id"),
-                    "target": table.column("target"),
-                    "region": table.column("region"),
-                    "completion": pa.array(texts, pa.string()),
-                    "prediction": pa.array(parsed, pa.float64()),
-                }
-            )
+            predictions[split] = prediction_table(table, texts, parsed)
     return metrics, predictions
+
+
+def head_metrics(ctx: StageContext, split: str, values: list[float], table: pa.Table, train_targets) -> dict:
+    """The same DIR metrics for head predictions; every prediction is a number, so none fails to parse."""
+    ds = ctx.dataset
+    targets = np.asarray(table.column("target").to_pylist(), dtype=np.float64)
+    preds = np.asarray(values, dtype=np.float64)
+    out = dir_metrics(preds, targets, train_targets, label_step=ds.label_step, many=ds.many, few=ds.few)
+    out["all/parse_fail_rate"] = 0.0
+    return {f"{split}/{k}": v for k, v in out.items()}
+
+
+def prediction_table(table: pa.Table, texts: list[str], values: list) -> pa.Table:
+    return pa.table(
+        {
+            "id": table.column("id"),
+            "target": table.column("target"),
+            "region": table.column("region"),
+            "completion": pa.array(texts, pa.string()),
+            "prediction": pa.array(values, pa.float64()),
+        }
+    )

@@ -8,6 +8,9 @@ Per optimizer step, each worker:
 3. turns rewards into group-normalised advantages;
 4. computes old-policy (and, when beta > 0, reference) log-probs once per rollout batch;
 5. runs `num_iterations` clipped-objective updates, normalising the loss over the GLOBAL batch.
+
+With images, each prompt's pixel inputs go into the generate call once (transformers encodes each
+image once for its G samples) and are repeated per sample for the log-prob forwards.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from orchestrator.stages.common import (
 )
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for t = 1..T-1, shape [N, T-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images=None) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = 1..T-1, shape [N, T-1]; `images` one row per sequence."""
+    extra = images.inputs_for(input_ids) if images is not None else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1, :].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
@@ -82,7 +86,9 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
     train = ds.load("train")
     prompts = train.column("prompt").to_pylist()
     targets_all = np.asarray(train.column("target").to_pylist(), dtype=np.float64)
-    extra_cols = [c for c in train.column_names if c not in ("prompt",)]
+    images = ctx.image_column(train)
+    # Reward terms see the row's other columns; image bytes stay out (a global-scope CCC would all-gather them).
+    extra_cols = [c for c in train.column_names if c not in ("prompt", "image")]
     columns_all = {c: train.column(c).to_pylist() for c in extra_cols}
     B, G = stage.micro_batch_size, stage.group_size
     seed = ctx.cfg.seed + 1000 * ctx.stage_index
@@ -94,7 +100,8 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
     for step in range(start_step, stage.steps):
         t_step = time.perf_counter()
         idx = micro_batch_indices(len(prompts), seed, step, 0, 1, ctx.rank, ctx.world_size, B)
-        prompt_ids = [chat_prompt_ids(tok, prompts[i]) for i in idx]
+        prompt_ids = [chat_prompt_ids(tok, ctx.prompt_text(prompts[i])) for i in idx]
+        pixels = ctx.image_batch(images, idx)  # None on the text path
         targets = targets_all[idx].tolist()
         columns = {c: [columns_all[c][i] for i in idx] for c in extra_cols}
 
@@ -104,6 +111,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
             completions = generate(
                 module, tok, prompt_ids, max_new_tokens=stage.max_new_tokens, do_sample=True,
                 temperature=stage.temperature, top_p=stage.top_p, num_return_sequences=G, device=ctx.device,
+                images=pixels,
             )
         texts_flat = decode_completions(tok, completions)
         texts = [texts_flat[i * G : (i + 1) * G] for i in range(B)]
@@ -131,12 +139,19 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         input_ids, attention_mask, mask = build_sequences(prompt_ids, completions, G, tok.pad_token_id)
         input_ids, attention_mask, mask = input_ids.to(ctx.device), attention_mask.to(ctx.device), mask.to(ctx.device)
         chunks = np.array_split(np.arange(B * G), stage.grad_accum)
+        sample_pixels = pixels.repeat(G) if pixels is not None else None  # row j shows prompt j // G's image
+        chunk_pixels = [sample_pixels.select(c) if sample_pixels is not None else None for c in chunks]
         with torch.no_grad():
-            old_logp = torch.cat([token_logprobs(engine, input_ids[c], attention_mask[c]) for c in chunks])
+            old_logp = torch.cat(
+                [token_logprobs(engine, input_ids[c], attention_mask[c], px) for c, px in zip(chunks, chunk_pixels)]
+            )
             ref_logp = None
             if reference is not None:
                 with reference.forward_model(engine) as ref_model:
-                    ref_logp = torch.cat([token_logprobs(ref_model, input_ids[c], attention_mask[c]) for c in chunks])
+                    ref_logp = torch.cat([
+                        token_logprobs(ref_model, input_ids[c], attention_mask[c], px)
+                        for c, px in zip(chunks, chunk_pixels)
+                    ])
         timings["logprobs"] += time.perf_counter() - t0
 
         # 4. clipped-objective updates, normalised over the whole step's batch across workers
@@ -146,8 +161,8 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         stats = defaultdict(float)
         for _ in range(stage.num_iterations):
             t0 = time.perf_counter()
-            for c in chunks:
-                logp = token_logprobs(engine, input_ids[c], attention_mask[c])
+            for c, px in zip(chunks, chunk_pixels):
+                logp = token_logprobs(engine, input_ids[c], attention_mask[c], px)
                 out = grpo_loss_terms(
                     logp, old_logp[c], None if ref_logp is None else ref_logp[c], advantages[c], mask[c],
                     beta=stage.beta, kl_estimator=stage.kl_estimator, eps_low=stage.epsilon_low,

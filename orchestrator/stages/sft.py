@@ -3,6 +3,11 @@
 Reads top to bottom like single-process pseudocode: encode the split, then for each optimizer
 step fetch this worker's micro-batches, normalise the loss over the GLOBAL token count, backward,
 step, log, checkpoint.
+
+Rows with images (a vision-language model on an image dataset) add the image placeholders to the
+prompt (masked from the loss like the rest of it) and their pixel tensors to each micro-batch.
+`rvtc` trains a K-bin head on the last prompt token instead of the answer tokens; its normaliser is
+the global sample count.
 """
 
 from __future__ import annotations
@@ -12,9 +17,17 @@ import time
 import torch
 
 from orchestrator.config import SFTStage
-from orchestrator.data.collate import IGNORE_INDEX, collate_sft, encode_sft_example, micro_batch_indices
+from orchestrator.data.collate import (
+    IGNORE_INDEX,
+    chat_prompt_ids,
+    collate_rvtc,
+    collate_sft,
+    encode_sft_example,
+    micro_batch_indices,
+)
 from orchestrator.evaluate import format_answer
 from orchestrator.losses import sft_loss
+from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
 from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine
 
 
@@ -23,51 +36,81 @@ def loss_params(stage: SFTStage) -> dict:
         return {"digit_weight": stage.digit_weight}
     if stage.loss == "softlabel":
         return {"psi": stage.psi, "eta": stage.resolved_eta(), "lam": stage.softlabel_lambda}
+    if stage.loss == "rvtc":
+        return {}
     return {"tau": stage.tau, "alpha": stage.alpha, "place_value_weights": stage.place_value_weights}
 
 
-def encode_split(tokenizer, table) -> list[tuple[list[int], list[int]]]:
+def encode_split(tokenizer, table, prompt_text=lambda p: p) -> list[tuple[list[int], list[int]]]:
     prompts = table.column("prompt").to_pylist()
     targets = table.column("target").to_pylist()
-    return [encode_sft_example(tokenizer, p, format_answer(t)) for p, t in zip(prompts, targets)]
+    return [encode_sft_example(tokenizer, prompt_text(p), format_answer(t)) for p, t in zip(prompts, targets)]
+
+
+def encode_rvtc_split(tokenizer, table, centres, prompt_text=lambda p: p) -> list[tuple[list[int], int]]:
+    """(prompt ids ending in the assistant header, nearest bin of the target) per row."""
+    prompts = table.column("prompt").to_pylist()
+    bins = nearest_bins(torch.tensor(table.column("target").to_pylist(), dtype=torch.float64), centres).tolist()
+    return [(chat_prompt_ids(tokenizer, prompt_text(p)), b) for p, b in zip(prompts, bins)]
 
 
 def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resume_dir: str | None = None):
     """Train `stage.steps` optimizer steps; returns the engine (its module carries on to the next stage)."""
+    head = None
+    if stage.loss == "rvtc":
+        # Before the engine: the head's parameters join the optimizer and the checkpoint.
+        head = attach_rvtc_head(ctx.model, stage.rvtc_bins, ctx.dataset.label_min, ctx.dataset.label_max)
     engine = build_engine(ctx.model, stage, ctx.cfg)
     if resume_dir is not None:
         engine.load_checkpoint(resume_dir, tag="ckpt", load_module_strict=True)
-    examples = encode_split(ctx.tokenizer, ctx.dataset.load("train"))
+    train = ctx.dataset.load("train")
+    if head is None:
+        examples = encode_split(ctx.tokenizer, train, ctx.prompt_text)
+    else:
+        examples = encode_rvtc_split(ctx.tokenizer, train, head.centres(), ctx.prompt_text)
+    images = ctx.image_column(train)
     params = loss_params(stage)
     digit_ids = ctx.digit_token_ids.to(ctx.device)
     seed = ctx.cfg.seed + 1000 * ctx.stage_index
     every_ckpt = ctx.cfg.checkpoint.every_steps
     engine.train()
 
+    def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
+        idx = micro_batch_indices(
+            len(examples), seed, step, k, stage.grad_accum, ctx.rank, ctx.world_size, stage.micro_batch_size
+        )
+        collate = collate_sft if head is None else collate_rvtc
+        batch = collate([examples[i] for i in idx], ctx.tokenizer.pad_token_id)
+        pixels = ctx.image_batch(images, idx)
+        if pixels is not None:
+            batch.update(pixels.inputs_for(batch["input_ids"]))
+        return batch
+
     window = {"loss": 0.0, "tokens": 0.0, "samples": 0.0, "time": 0.0, "steps": 0}
     for step in range(start_step, stage.steps):
         t0 = time.perf_counter()
-        batches = [
-            collate_sft(
-                [examples[i] for i in micro_batch_indices(
-                    len(examples), seed, step, k, stage.grad_accum, ctx.rank, ctx.world_size, stage.micro_batch_size
-                )],
-                ctx.tokenizer.pad_token_id,
-            )
-            for k in range(stage.grad_accum)
-        ]
-        # Token mean over the whole global batch, not per micro-batch: every worker needs the total.
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        batches = [micro_batch(step, k) for k in range(stage.grad_accum)]
+        # Mean over the whole global batch, not per micro-batch: every worker needs the total count of
+        # supervised tokens (one target per sample for rvtc).
+        if head is None:
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        else:
+            local_tokens = sum(len(b["bins"]) for b in batches)
         (global_tokens,) = all_reduce_sum([local_tokens], ctx.device)
         # DeepSpeed averages gradients over workers and accumulation steps; undo that scaling.
         scale = ctx.world_size * stage.grad_accum / max(global_tokens, 1.0)
         step_loss = 0.0
         for batch in batches:
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shifted = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-            labels = batch["labels"][:, 1:].reshape(-1)
-            loss_sum, _ = sft_loss(stage.loss, shifted, labels, digit_ids, **params)
+            if head is None:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = engine(**inputs).logits
+                shifted = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+                labels = batch["labels"][:, 1:].reshape(-1)
+                loss_sum, _ = sft_loss(stage.loss, shifted, labels, digit_ids, **params)
+            else:
+                inputs = {k: v for k, v in batch.items() if k != "bins"}
+                loss_sum, _ = rvtc_loss(head_logits(engine, head, **inputs), batch["bins"])
             engine.backward(loss_sum * scale)
             engine.step()
             step_loss += float(loss_sum.detach())
