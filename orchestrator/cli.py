@@ -16,10 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, DataConfig, load_run_config
+from pydantic import ValidationError
+
+from orchestrator.config import ConfigError, DataConfig, _format_validation_error, load_run_config
 from orchestrator.tracking import TrackingUnavailable  # light: mlflow is imported inside the functions
 
 EXIT_USER_ERROR = 2
+
+
+def _run_failures():
+    from orchestrator.train import RunFailed
+
+    return (TrackingUnavailable, RunFailed)
 
 
 def _user_errors():
@@ -80,8 +88,10 @@ def cmd_data(args) -> int:
         tree[key.removeprefix("data.")] = value
     try:
         cfg = DataConfig.model_validate(tree)
-    except Exception as exc:  # pydantic's message names the field
-        raise ConfigError(f"invalid data config: {exc}") from None
+    except ValidationError as exc:  # one line per field, named as in a run config (data.train_size)
+        head, *fields = _format_validation_error(exc, f"data build {args.name}").splitlines()
+        fields = [f"  data{f[len('  <root>'):]}" if f.startswith("  <root>:") else f"  data.{f[2:]}" for f in fields]
+        raise ConfigError("\n".join([head, *fields])) from None
     built = build_dataset(cfg, force=args.force)
     print(describe(built))
     print(f"\nwritten to {built.path}")
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except TrackingUnavailable as exc:  # the run's results are safe locally; say where, not a traceback
+    except _run_failures() as exc:  # a run that started and failed: its cause in one line, not Ray's traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

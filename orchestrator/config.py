@@ -199,9 +199,11 @@ class DataConfig(_Strict):
 
 
 class TinyModelConfig(_Strict):
-    """Size of the random-init model built from a transformers config (tests, CPU demos)."""
+    """Size of the random-init model built from a transformers config (tests, CPU demos). `qwen2-vl` and
+    `smolvlm` are vision-language models: this section sizes their language half, `model.vision` their
+    vision half."""
 
-    architecture: Literal["llama", "qwen2"] = "llama"
+    architecture: Literal["llama", "qwen2", "qwen2-vl", "smolvlm"] = "llama"
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -212,7 +214,50 @@ class TinyModelConfig(_Strict):
     def _heads_divide(self) -> "TinyModelConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.architecture == "qwen2-vl" and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"qwen2-vl needs an even head size (hidden_size / num_heads = {self.hidden_size // self.num_heads}) "
+                "for its 3-D rotary sections"
+            )
         return self
+
+    def is_vision(self) -> bool:
+        return self.architecture in ("qwen2-vl", "smolvlm")
+
+
+class VisionModelConfig(_Strict):
+    """The vision half of a vision-language model built here (a tiny VLM, or `smolvlm-smollm2-135m`, whose
+    vision encoder and connector start from random weights). Every image is resized to
+    image_size x image_size, so every image costs the same (image_size / patch_size / merge_size)^2
+    placeholder tokens in the prompt. A local VLM directory brings its own vision tower; only image_size
+    is used for it (Qwen2-VL), or its own vision_config.image_size (SmolVLM/Idefics3)."""
+
+    image_size: int = Field(128, ge=8, description="Side in pixels every image is resized to.")
+    patch_size: int = Field(16, ge=2, description="Side in pixels of one vision-encoder patch.")
+    merge_size: int = Field(
+        2, ge=1, description="Patches merged per side into one language token (Qwen2-VL spatial merge, "
+        "SmolVLM pixel-shuffle scale factor)."
+    )
+    hidden_size: int = Field(64, ge=8, description="Width of the vision encoder.")
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(
+        128, ge=8, description="MLP width of the vision encoder (a multiple of hidden_size for Qwen2-VL)."
+    )
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "VisionModelConfig":
+        unit = self.patch_size * self.merge_size
+        if self.image_size % unit:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size x merge_size ({unit})"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+    def tokens_per_image(self) -> int:
+        return (self.image_size // (self.patch_size * self.merge_size)) ** 2
 
 
 class LoraConfig(_Strict):
@@ -229,15 +274,43 @@ class LoraConfig(_Strict):
     )
 
 
-class ModelConfig(_Strict):
-    """Where the policy comes from: `tiny` (random init), `smollm2-135m` (packaged), or a path / hub id."""
+VLM_SMOLLM2_SOURCE = "smolvlm-smollm2-135m"
 
-    source: str = Field("tiny", description="'tiny', 'smollm2-135m', or a local directory / hub id.")
+
+class ModelConfig(_Strict):
+    """Where the policy comes from: `tiny` (random init, text or vision-language), `smollm2-135m`
+    (packaged), `smolvlm-smollm2-135m` (SmolVLM-style: pretrained SmolLM2-135M language half, fresh vision
+    half sized by `vision`), or a local directory / hub id."""
+
+    source: str = Field(
+        "tiny", description="'tiny', 'smollm2-135m', 'smolvlm-smollm2-135m', or a local directory / hub id."
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    vision: VisionModelConfig = Field(default_factory=VisionModelConfig)
     trust_remote_code: bool = Field(False, description="Never on unless the user asks.")
     cache_dir: str | None = Field(None, description="Where converted models are cached; default ~/.cache/orchestrator.")
-    init_seed: int = Field(1234, description="Seed of the random init of a tiny model.")
+    init_seed: int = Field(1234, description="Seed of the random init of a tiny model (and of a fresh vision half).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _vision_shapes(self) -> "ModelConfig":
+        builds_qwen_vision = self.source == "tiny" and self.tiny.architecture == "qwen2-vl"
+        if builds_qwen_vision and self.vision.intermediate_size % self.vision.hidden_size:
+            raise ValueError(
+                f"vision.intermediate_size ({self.vision.intermediate_size}) must be a multiple of "
+                f"vision.hidden_size ({self.vision.hidden_size}) for qwen2-vl (its MLP width is a ratio)"
+            )
+        return self
+
+    def builds_vision_model(self) -> bool | None:
+        """True/False where the config alone decides; None for a directory or hub id (its config.json does)."""
+        if self.source == "tiny":
+            return self.tiny.is_vision()
+        if self.source == VLM_SMOLLM2_SOURCE:
+            return True
+        if self.source == "smollm2-135m":
+            return False
+        return None
 
 
 # --------------------------------------------------------------------------- stages
@@ -253,11 +326,15 @@ class _StageBase(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)
 
 
+SFT_LOSSES = ("ce", "softlabel", "dist2", "rvtc")
+
+
 class SFTStage(_StageBase):
-    """Supervised fine-tuning on the answer tokens only (METHODS §3)."""
+    """Supervised fine-tuning on the answer tokens only (METHODS §3); `rvtc` instead trains a K-bin
+    classification head on the last prompt token's hidden state (the model then answers through the head)."""
 
     kind: Literal["sft"] = "sft"
-    loss: Literal["ce", "softlabel", "dist2"] = "ce"
+    loss: Literal["ce", "softlabel", "dist2", "rvtc"] = "ce"
     digit_weight: float = Field(1.0, gt=0, description="λ on digit tokens for `ce` (the up-weighting control).")
     psi: Literal["triangular", "binomial", "poisson", "uniform"] = "triangular"
     eta: float | None = Field(None, ge=0, le=1, description="Soft mass; None takes the paper default for psi.")
@@ -265,6 +342,9 @@ class SFTStage(_StageBase):
     tau: float = Field(1.0, gt=0)
     alpha: float = Field(0.1, ge=0)
     place_value_weights: bool = False
+    rvtc_bins: int = Field(
+        51, ge=2, description="K for `rvtc`: bins with evenly spaced centres over the training label range."
+    )
 
     def resolved_eta(self) -> float:
         defaults = {"triangular": 0.08, "binomial": 0.05, "poisson": 0.02, "uniform": 0.05}
@@ -318,8 +398,8 @@ def parse_pipeline(spec: str) -> list[dict[str, Any]]:
     for part in re.split(r"\s*(?:->|→|>)\s*", spec):
         kind, _, arg = part.partition(":")
         if kind == "sft":
-            if arg not in ("ce", "softlabel", "dist2"):
-                raise ConfigError(f"pipeline {spec!r}: unknown SFT loss {arg!r}; allowed: ce, softlabel, dist2")
+            if arg not in SFT_LOSSES:
+                raise ConfigError(f"pipeline {spec!r}: unknown SFT loss {arg!r}; allowed: {', '.join(SFT_LOSSES)}")
             stages.append({"kind": "sft", "loss": arg})
         elif kind == "grpo":
             names = [n for n in arg.split("+") if n]
@@ -360,7 +440,8 @@ class CheckpointConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    experiment: str = "orchestrator"
+    # MLflow refuses an empty name (and one over 500 characters) only when it creates the experiment.
+    experiment: str = Field("orchestrator", min_length=1, max_length=500, description="MLflow experiment.")
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the local SQLite store.")
     log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
     flush_timeout_s: float = Field(
@@ -428,6 +509,21 @@ class RunConfig(_Strict):
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
         if self.deepspeed.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision=bf16 needs scaling.use_gpu=true (CPU training runs in fp32)")
+        rvtc = [i for i, s in enumerate(self.pipeline) if s.kind == "sft" and s.loss == "rvtc"]
+        if rvtc and rvtc[0] != len(self.pipeline) - 1:
+            after = self.pipeline[rvtc[0] + 1]
+            raise ValueError(
+                f"pipeline: sft:rvtc must be the last stage, but {after.label()} follows it (stage {rvtc[0] + 1}): "
+                "its classification head replaces the text answer, which GRPO and the token-level SFT losses "
+                "train; put token-level stages before it (e.g. sft:ce -> sft:rvtc)"
+            )
+        if self.data.name == "digit-count" and self.model.builds_vision_model() is False:
+            raise ValueError(
+                f"data.name=digit-count is an image task but model.source={self.model.source!r}"
+                + (f" (architecture {self.model.tiny.architecture})" if self.model.source == "tiny" else "")
+                + " cannot see images; use model.tiny.architecture=qwen2-vl|smolvlm or "
+                f"model.source={VLM_SMOLLM2_SOURCE}"
+            )
         return self
 
     def pipeline_label(self) -> str:

@@ -39,6 +39,7 @@ from orchestrator.config import (
     set_field,
     validate_run_tree,
 )
+from orchestrator.tracking import redact_secrets, tracking_client
 
 SWEEP_TAG = "orchestrator.sweep"
 ROLE_TAG = "orchestrator.role"
@@ -336,11 +337,10 @@ def find_parent(client, experiment_id: str, sweep: str):
 def open_parent(ablation: AblationConfig, ablation_text: str, cells: list[Cell], base: dict[str, Any],
                 uri: str, experiment: str, resume: bool, fingerprint: str) -> str:
     """The sweep's parent run: found again on --resume, refused without it (nothing is overwritten)."""
-    from mlflow import MlflowClient
 
     from orchestrator.tracking import ensure_experiment
 
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     exp_id = ensure_experiment(client, experiment, uri)
     existing = find_parent(client, exp_id, ablation.name)
     if existing is not None:
@@ -363,14 +363,14 @@ def open_parent(ablation: AblationConfig, ablation_text: str, cells: list[Cell],
         ROLE_TAG: "sweep",
         SWEEP_TAG: ablation.name,
         "orchestrator.axes": json.dumps(ablation.swept_fields()),
-        "orchestrator.base_values": json.dumps(base, default=str),
+        "orchestrator.base_values": redact_secrets(json.dumps(base, default=str)),
         BASE_TAG: fingerprint,
         "mlflow.runName": ablation.name,
     }
     if ablation.baseline:
         tags["orchestrator.baseline"] = normalize_pipeline(ablation.baseline)
     run = client.create_run(exp_id, run_name=ablation.name, tags=tags)
-    client.log_text(run.info.run_id, ablation_text, "ablation/ablation.yaml")
+    client.log_text(run.info.run_id, redact_secrets(ablation_text), "ablation/ablation.yaml")
     client.log_dict(run.info.run_id, [{"name": c.name, **{k: _show(v) for k, v in c.values.items()}} for c in cells],
                     "ablation/cells.json")
     return run.info.run_id
@@ -378,11 +378,10 @@ def open_parent(ablation: AblationConfig, ablation_text: str, cells: list[Cell],
 
 def finished_cells(cells: list[Cell], uri: str, experiment: str) -> set[str]:
     """Names of cells whose MLflow run is FINISHED (the run key is storage + name, as for a single run)."""
-    from mlflow import MlflowClient
 
     from orchestrator.tracking import RUN_KEY_TAG, run_key
 
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return set()
@@ -492,9 +491,8 @@ class SweepProgress:
 
     def _latest(self, name: str) -> str:
         try:
-            from mlflow import MlflowClient
 
-            client = MlflowClient(self.uri)
+            client = tracking_client(self.uri)
             exp = client.get_experiment_by_name(self.experiment)
             runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{CELL_TAG}` = '{name}'", max_results=1)
             if not runs:
@@ -564,7 +562,6 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None):
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: bool = False, out=None) -> SweepOutcome:
-    from mlflow import MlflowClient
     from ray import tune
 
     from orchestrator.tables import TablesError, default_out_dir, write_tables
@@ -582,7 +579,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: b
         print(f"resuming: {len(done)} cell(s) already finished, {len(todo)} to run", file=out, flush=True)
 
     failed: dict[str, str] = {}
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     try:
         if todo:
             init_ray()
@@ -606,6 +603,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: b
                     name=f"{ablation.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                     storage_path=resolve_storage(str(Path(todo[0].cfg.storage_path) / "_tune")),
                     callbacks=[_tune_callback(progress)],
+                    # A trial lost with its node is retried; it resumes its cell from the cell's checkpoint.
+                    failure_config=tune.FailureConfig(max_failures=ablation.max_failures),
                     verbose=0,
                 ),
             )
@@ -615,7 +614,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: b
                     name = payload[result.config["cell"]]["name"]
                     failed[name] = progress.failed.get(name) or str(result.error).strip().splitlines()[-1][:300]
     except BaseException as exc:
-        client.set_tag(parent, "orchestrator.error", f"interrupted: {exc!r}"[:5000])
+        client.set_tag(parent, "orchestrator.error", redact_secrets(f"interrupted: {exc!r}")[:5000])
         client.set_terminated(parent, status="FAILED")
         raise
 

@@ -42,13 +42,36 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def ensure_store(uri: str) -> None:
-    """A local SQLite store's folder exists before MLflow opens it (a dry run creates nothing)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    """A local SQLite store exists before MLflow opens it, its schema created by one process at a time:
+    two launches opening a new store together otherwise race on MLflow's CREATE INDEX and one dies."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///") :])
+    ready = db.parent / f".{db.name}.ready"  # SQLite creates the file before the schema is complete
+    if ready.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    with open(db.parent / f".{db.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not ready.exists():
+            MlflowClient(uri).search_experiments(max_results=1)  # creates, or upgrades, the schema
+            ready.touch()
+
+
+def tracking_client(uri: str):
+    """An MlflowClient for `uri`. Constructing one creates (or migrates) a SQLite store's schema, so the
+    store is made ready under a lock first; every client in this package comes from here."""
+    from mlflow import MlflowClient
+
+    ensure_store(uri)
+    return MlflowClient(uri)
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
-    ensure_store(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -66,25 +89,83 @@ def run_key(cfg: RunConfig) -> str:
     return hashlib.sha256(f"{resolve_storage(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
 
 
+REDACTED = "***"
+# Query parameters whose value is a credential: ?token=..., &sig=... (signed URLs), &X-Amz-Credential=...
+_SECRET_QUERY_NAME = re.compile(
+    r"(token|secret|password|passwd|pwd|api[_-]?key|access[_-]?key|key|sig|signature|credential|auth)", re.IGNORECASE
+)
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s?#]*)@")
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+_MIN_ENV_SECRET = 8  # shorter values ("1", "true") would redact ordinary text
+
+
+def _env_secrets(environ=None) -> list[str]:
+    """Values of secret-looking environment variables (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...), longest first.
+    Variables naming where a secret lives (*_PATH, *_FILE, *_DIR) are not secrets themselves."""
+    environ = os.environ if environ is None else environ
+    values = {
+        value
+        for name, value in environ.items()
+        if SECRET_PATTERN.search(name)
+        and not name.upper().endswith(("_PATH", "_FILE", "_DIR"))
+        and len(value) >= _MIN_ENV_SECRET
+    }
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_secrets(text: str, environ=None) -> str:
+    """`text` with credentials replaced by ***: the password of a URI (`postgresql://user:***@host/db`; a
+    lone user part, often a token, goes whole: `https://***@host`), the values of query parameters named
+    like token/secret/key/password/sig, and any value of a secret-looking environment variable."""
+    for secret in _env_secrets(environ):
+        text = text.replace(secret, REDACTED)
+
+    def userinfo(m: re.Match) -> str:
+        user, colon, _ = m["userinfo"].partition(":")
+        return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"
+
+    def query(m: re.Match) -> str:
+        if not _SECRET_QUERY_NAME.search(m["name"]) or not m["value"]:
+            return m.group()
+        return f"{m['sep']}{m['name']}={REDACTED}"
+
+    text = _URI_USERINFO.sub(userinfo, text)
+    return _QUERY_PARAM.sub(query, text)
+
+
+def redacted_config_json(cfg: RunConfig) -> str:
+    """The resolved config as JSON with every string value passed through redact_secrets (for the
+    config/resolved.json artifact)."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return redact_secrets(node) if isinstance(node, str) else node
+
+    return json.dumps(clean(cfg.model_dump(mode="json")), indent=2)
+
+
 def loggable_params(cfg: RunConfig) -> dict[str, str]:
-    """Flattened config as MLflow params; anything secret-looking is never logged."""
+    """Flattened config as MLflow params. Secret-looking keys are never logged, and credentials inside
+    values (URI passwords, token query parameters, secret environment values) are redacted."""
     params = {}
     for key, value in flatten(cfg).items():
         if SECRET_PATTERN.search(key):
             continue
-        text = "" if value is None else str(value)
+        text = "" if value is None else redact_secrets(str(value))
         params[key] = text[:6000]
-    params["pipeline"] = cfg.pipeline_label()
+    params["pipeline"] = redact_secrets(cfg.pipeline_label())
     return params
 
 
 def start_or_resume_run(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:
     """Driver side: the MLflow run for this training run, reused when the same run restarts."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
     uri = resolve_tracking_uri(cfg)
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     exp_id = ensure_experiment(client, cfg.tracking.experiment, uri)
     key = run_key(cfg)
     existing = client.search_runs(
@@ -105,7 +186,7 @@ def start_or_resume_run(cfg: RunConfig, parent_run_id: str | None = None, extra_
     items = list(params.items())
     for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 90]])
-    client.log_text(run_id, cfg.model_dump_json(indent=2), "config/resolved.json")
+    client.log_text(run_id, redacted_config_json(cfg), "config/resolved.json")
     return run_id
 
 
@@ -131,17 +212,16 @@ def check_tracking_store(uri: str) -> None:
 def finish_run(uri: str, run_id: str, error: BaseException | str | None = None, retry_for_s: float = 60.0) -> None:
     """Mark the run FINISHED, or FAILED with the error as a tag; retried while the store is unreachable
     (a run is never left RUNNING because the store blinked at the end)."""
-    from mlflow import MlflowClient
 
     _quick_failing_http()
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     deadline, delay = time.time() + retry_for_s, 1.0
     while True:
         try:
             if error is None:
                 client.set_terminated(run_id, status="FINISHED")
             else:
-                client.set_tag(run_id, "orchestrator.error", str(error)[:5000])
+                client.set_tag(run_id, "orchestrator.error", redact_secrets(str(error))[:5000])
                 client.set_terminated(run_id, status="FAILED")
             return
         except Exception as exc:
@@ -181,11 +261,10 @@ class RunLogger:
                  retry_s: float = 1.0, max_retry_s: float = 15.0):
         import threading
 
-        from mlflow import MlflowClient
 
         _quick_failing_http()
         self.uri, self.run_id = uri, run_id
-        self.client = MlflowClient(uri)
+        self.client = tracking_client(uri)
         self.spool_dir = Path(spool_dir) if spool_dir else None
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self._pending: list[dict[str, Any]] = self._load_spool()
@@ -326,7 +405,6 @@ def send_entries(client, run_id: str, entries: list[dict[str, Any]]) -> None:
 
 def resend_spool(path: str | Path, tracking_uri: str | None = None) -> int:
     """Deliver a spool file left by a run whose tracking store was unreachable; returns entries sent."""
-    from mlflow import MlflowClient
 
     path = Path(path)
     if not path.is_file():
@@ -336,6 +414,6 @@ def resend_spool(path: str | Path, tracking_uri: str | None = None) -> int:
     for e in entries:
         by_run.setdefault((tracking_uri or e["uri"], e["run_id"]), []).append(e)
     for (uri, run_id), items in by_run.items():
-        send_entries(MlflowClient(uri), run_id, items)
+        send_entries(tracking_client(uri), run_id, items)
     path.unlink()
     return len(entries)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
+from orchestrator.checkpoints import STATE_FILE, quarantine_incomplete, verify_checkpoint, write_manifest
 from orchestrator.config import ConfigError, RunConfig, resolve_storage
 from orchestrator.data import build_dataset, load_built
 from orchestrator.evaluate import format_answer
@@ -27,9 +30,9 @@ from orchestrator.tracking import (
     resolve_tracking_uri,
     run_key,
     start_or_resume_run,
+    tracking_client,
 )
 
-STATE_FILE = "orchestrator_state.json"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -55,6 +58,9 @@ def _restore_point() -> tuple[int, int, str | None]:
     local = tempfile.mkdtemp(prefix="orchestrator-restore-")
     with ckpt.as_directory() as d:
         shutil.copytree(d, local, dirs_exist_ok=True)
+    problems = verify_checkpoint(local)
+    if problems:  # never resume from half a checkpoint
+        raise RuntimeError(f"checkpoint {ckpt.path} is incomplete: {'; '.join(problems[:5])}")
     state = json.loads((Path(local) / STATE_FILE).read_text())
     return int(state["stage_index"]), int(state["step"]), local
 
@@ -64,6 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from ray.train import Checkpoint
 
+    from orchestrator.models import load_image_processor
     from orchestrator.stages.common import REFERENCE_FILE, StageContext, handoff_module
     from orchestrator.stages.evaluation import evaluate_model
 
@@ -82,6 +89,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
     model.to(device)
     dataset = load_built(loop_config["dataset_path"])
+    processor = load_image_processor(cfg.model, tokenizer, loop_config["model_source"])
+    if dataset.has_images and processor is None:
+        # A text-only model would silently answer without seeing the images.
+        raise ConfigError(
+            f"dataset {dataset.meta['name']!r} has images but model.source={cfg.model.source!r} is text-only; "
+            f"use a vision-language source (model.tiny.architecture=qwen2-vl|smolvlm, smolvlm-smollm2-135m)"
+        )
+    if not dataset.has_images:
+        processor = None  # a VLM on a text dataset runs the text path
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool_dir"]) if rank == 0 else None
 
     def log(metrics: dict[str, float], step: int) -> None:
@@ -109,9 +125,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 engine_.save_checkpoint(tmp, tag="ckpt")
                 if rank == 0:
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps({"stage_index": _index, "step": step}))
+                    state = {"stage_index": _index, "step": step, "world_size": world}
+                    (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
                     if reference_state is not None:
                         save_file(reference_state, str(Path(tmp) / REFERENCE_FILE))
+                write_manifest(tmp, rank)  # last: a restore checks every file against it
                 ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
 
         ctx = StageContext(
@@ -128,6 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log=log,
             checkpoint=checkpoint,
             extra=extra,
+            processor=processor,
         )
         resuming = index == start_stage and resume_dir is not None
         engine = _stage_runner(stage.kind)(
@@ -138,7 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = StageContext(
         cfg=cfg, model=model, tokenizer=tokenizer, digit_token_ids=digit_token_ids(tokenizer), dataset=dataset,
         rank=rank, world_size=world, device=device, stage_index=len(cfg.pipeline), global_step_offset=offset,
-        log=log, checkpoint=lambda *a: None,
+        log=log, checkpoint=lambda *a: None, processor=processor,
     )
     metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
     if logger is not None:
@@ -206,9 +225,12 @@ def answer_token_length(tokenizer, label_min: float, label_max: float) -> int:
 
 
 def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_max: float) -> None:
-    """Refuse a max_new_tokens that cannot hold the answer: every sample would be a parse failure."""
+    """Refuse a max_new_tokens that cannot hold the answer: every sample would be a parse failure.
+    A pipeline ending in sft:rvtc answers through its head at evaluation, so only its GRPO budgets count
+    (it has none: rvtc is last). The tokenizer of a vision-language source answers in the same text."""
     needed = answer_token_length(tokenizer, label_min, label_max)
-    budgets = [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
+    ends_in_head = bool(cfg.pipeline) and getattr(cfg.pipeline[-1], "loss", None) == "rvtc"
+    budgets = [] if ends_in_head else [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
     budgets += [(f"pipeline.{i}.max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.pipeline) if s.kind == "grpo"]
     for field, value in budgets:
         if value < needed:
@@ -228,6 +250,126 @@ def check_rewards(cfg: RunConfig) -> None:
                 resolve_reward(term.name)
             except ValueError as exc:
                 raise ConfigError(f"pipeline.{i}.rewards.{j}.name: {exc}") from None
+
+
+# What `from_pretrained` reads weights from (safetensors first; a .bin only through torch.load(weights_only=True)).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_storage(cfg: RunConfig) -> None:
+    """A local storage_path must be a folder that can be created: Ray Train would otherwise fail on it only
+    after the cluster has started and the MLflow run exists. Remote URIs are Ray Train's to check."""
+    storage = resolve_storage(cfg.storage_path)
+    if "://" in storage:
+        return
+    path = Path(storage)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"storage_path {cfg.storage_path!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage_path {cfg.storage_path!r}: {existing} is not writable")
+
+
+def check_model_source(cfg: RunConfig, model_source: str, dataset) -> None:
+    """Refuse here what every worker would refuse after Ray has started: a text-only model on a dataset of
+    images, and a local directory that is not a loadable model for this task (config.json unreadable or
+    without model_type, an architecture that is not a causal LM, or a vision-language model of a kind this
+    project drives; no weights). Models built here or packaged are known good; a hub id is checked where
+    it downloads."""
+    from orchestrator.config import VLM_SMOLLM2_SOURCE
+    from orchestrator.models import SMOLLM2_SOURCE, ModelError, vision_kind
+
+    kind = vision_kind(cfg.model, model_source)
+    if dataset.has_images and kind is None:
+        raise ConfigError(
+            f"dataset {dataset.meta['name']!r} has images but model.source={cfg.model.source!r} is text-only; "
+            "use a vision-language source (model.tiny.architecture=qwen2-vl|smolvlm, smolvlm-smollm2-135m)"
+        )
+    path = Path(model_source)
+    if cfg.model.source in ("tiny", SMOLLM2_SOURCE, VLM_SMOLLM2_SOURCE) or not path.is_dir():
+        return
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model path {path}: config.json is not readable JSON ({exc})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not model_type:
+        raise ModelError(f"model path {path}: config.json names no model_type; is it a Hugging Face model directory?")
+    if not (cfg.model.trust_remote_code and "auto_map" in config):  # custom code declares its own classes
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            hint = " (it ships its own code; set model.trust_remote_code=true only if you trust it)" if "auto_map" in config else ""
+            raise ModelError(f"model path {path}: model_type {model_type!r} is unknown to transformers{hint}")
+        if kind is not None and model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise ModelError(f"model path {path} holds a {model_type!r} model, not a vision-language model")
+        if kind is None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelError(
+                f"model path {path} holds a {model_type!r} model, which is not a causal language model "
+                "(AutoModelForCausalLM cannot load it); the policy generates its answers, so it must be one"
+            )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"model path {path} has no weights: none of {', '.join(WEIGHT_FILES)}")
+
+
+def check_ray_address(timeout_s: float = 5.0) -> None:
+    """$RAY_ADDRESS must answer: `ray.init` waits on an address where nothing listens for minutes, and it
+    runs after the MLflow run is created. `auto`/`local` and a driver already connected are left to Ray."""
+    import socket
+
+    address = (os.environ.get("RAY_ADDRESS") or "").strip()
+    if not address or address in ("auto", "local"):
+        return
+    ray = sys.modules.get("ray")  # not imported for the check alone
+    if ray is not None and ray.is_initialized():
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"RAY_ADDRESS={address!r} is not host:port (or ray://host:port, auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"RAY_ADDRESS={address!r}: no Ray cluster answers at {host}:{port} ({exc.strerror or exc}); "
+            "start one (infra/ray-head-start.sh) or unset RAY_ADDRESS for a local cluster"
+        ) from None
+
+
+def check_experiment(uri: str, name: str) -> None:
+    """An experiment deleted in the MLflow UI keeps its name, and MLflow refuses new runs in it. A local
+    store that does not exist yet is not created by this check."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return
+    from orchestrator.tracking import tracking_client
+
+    exp = tracking_client(uri).get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"tracking.experiment {name!r} was deleted in {uri}; restore it "
+            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or choose another name"
+        )
+
+
+class RunFailed(RuntimeError):
+    """A run that started and failed: its root cause in one line, and what was set aside."""
+
+    def __init__(self, name: str, cause: str, quarantined: list[Path]):
+        self.cause, self.quarantined = cause, quarantined
+        text = f"run {name!r} failed: {cause}"
+        if quarantined:
+            text += "; incomplete checkpoints set aside: " + ", ".join(p.name for p in quarantined)
+        super().__init__(text)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost exception line of a failure (Ray wraps a worker's error in several layers)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", ln)]
+    return (errors[-1] if errors else f"{type(exc).__name__}: {lines[-1] if lines else ''}")[:1000]
 
 
 @dataclass
@@ -263,11 +405,15 @@ class PreparedRun:
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Every check that bad input can fail, and the (cached) data build; no training compute."""
     check_rewards(cfg)
+    check_ray_address()
+    check_storage(cfg)
     built = build_dataset(cfg.data)
     model_source = resolve_source(cfg.model)
+    check_model_source(cfg, model_source, built)
     check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
     uri = resolve_tracking_uri(cfg)
     check_tracking_store(uri)
+    check_experiment(uri, cfg.tracking.experiment)
     return PreparedRun(cfg, built, model_source, uri)
 
 
@@ -279,7 +425,6 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Everything that can fail on bad input happens before Ray starts a single worker."""
-    from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
@@ -314,8 +459,13 @@ def run_training(
         )
         trainer.fit()
     except BaseException as exc:
-        finish_run(uri, run_id, exc, retry_for_s=cfg.tracking.flush_timeout_s)
+        storage = resolve_storage(cfg.storage_path)
+        moved = [] if "://" in storage else quarantine_incomplete(Path(storage) / cfg.name)
+        failure = RunFailed(cfg.name, root_cause(exc), moved)
+        finish_run(uri, run_id, failure, retry_for_s=cfg.tracking.flush_timeout_s)
+        if isinstance(exc, Exception):
+            raise failure from exc
         raise
     finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s)
-    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    metrics = tracking_client(uri).get_run(run_id).data.metrics
     return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)

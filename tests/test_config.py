@@ -24,7 +24,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     "overrides, fragment",
     [
         (["data.nme=1"], "data.nme: unknown field"),
-        (["pipeline.0.loss=foo"], "'ce', 'softlabel' or 'dist2'"),
+        (["pipeline.0.loss=foo"], "'ce', 'softlabel', 'dist2' or 'rvtc'"),
         (["scaling.num_workers=many"], "scaling.num_workers"),
         (["pipeline=sft:xx"], "unknown SFT loss 'xx'"),
         (["pipeline=rl:ccc"], "unknown stage"),

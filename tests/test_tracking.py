@@ -107,3 +107,18 @@ def test_an_unreachable_store_is_refused_before_compute(tmp_path):
         check_tracking_store(f"http://127.0.0.1:{port}")  # one quick attempt, not MLflow's minutes of retries
     check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'm.db'}")  # a store yet to be created is fine...
     assert not (tmp_path / "new").exists()  # ...and checking it creates nothing
+
+
+def test_processes_opening_a_new_store_together_do_not_race(tmp_path):
+    """MLflow creates a SQLite store's schema on first use; two processes doing it at once used to
+    collide on CREATE INDEX. ensure_store serialises the creation."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    code = f"from orchestrator.tracking import ensure_experiment, tracking_client; " \
+           f"ensure_experiment(tracking_client({uri!r}), 'exp', {uri!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)[-3000:]
+    assert MlflowClient(uri).get_experiment_by_name("exp") is not None

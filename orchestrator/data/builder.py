@@ -99,11 +99,21 @@ def load_built(path: str | Path) -> BuiltDataset:
     return BuiltDataset(path=path, meta=json.loads((path / "meta.json").read_text()))
 
 
+def _check_writable(target_dir: Path, root: str) -> None:
+    """The build folder can be created: its nearest existing ancestor is a writable folder."""
+    existing = next(p for p in (target_dir, *target_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"data.root {root!r}: {existing} is a file, not a folder; point data.root at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"data.root {root!r}: cannot write the build under {existing} (not writable)")
+
+
 def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
     """Splits written to {root}/{name}/{fingerprint}/; reused when the same config was built before."""
     target_dir = resolve_path(cfg.root) / cfg.name / cfg.fingerprint()
     if not force and (target_dir / "meta.json").is_file():
         return load_built(target_dir)
+    _check_writable(target_dir, cfg.root)  # before reading the source: a bad root must not cost a full load
     spec, frame = load_source(cfg)
     step = cfg.label_step or spec.label_step
     targets = frame["target"].to_numpy()

@@ -1,0 +1,344 @@
+"""Faults an overnight grid meets on a shared cluster, survived (CPU, loopback only).
+
+The sweep driver killed mid-grid and resumed is tests/test_e2e_sweep.py; the tracking store going
+away is tested here end to end and in tests/test_tracking.py unit by unit.
+"""
+
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.train import run_training
+from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+
+pytestmark = pytest.mark.e2e
+
+SFT_60 = ["pipeline.0.steps=60", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8",
+          "checkpoint.every_steps=20", "tracking.log_every=10", "eval.max_samples=24"]
+
+
+def run_id_named(client, name: str, timeout_s: float = 300) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        exp = client.get_experiment_by_name("orchestrator")
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+            if runs:
+                return runs[0].info.run_id
+        time.sleep(1)
+    raise TimeoutError(f"no run named {name}")
+
+
+def kill_a_worker_at(uri: str, name: str, step: int, killed: list) -> None:
+    """Once the run has logged `step`, SIGKILL one of its Ray Train worker processes."""
+    from ray.util.state import list_actors
+
+    client = MlflowClient(uri)
+    run_id = run_id_named(client, name)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if any(s >= step for s, _ in metric_history(uri, run_id, "train/loss")):
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                pid = workers[-1]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path, ray_cluster):
+    """A training worker SIGKILLed mid-stage: Ray Train restarts the worker group from the latest
+    checkpoint (failure budget 1); the run ends as an uninterrupted one would, step for step, in the
+    same MLflow run, with no step missing."""
+    calm = run_training(make_cfg(tmp_path, "name=calm", *SFT_60))
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_worker_at, args=(calm.tracking_uri, "faulty", 30, killed))
+    killer.start()
+    faulty = run_training(make_cfg(tmp_path, "name=faulty", *SFT_60), max_failures=1)
+    killer.join()
+    assert killed, "the worker was never killed"
+
+    client = MlflowClient(faulty.tracking_uri)
+    run = client.get_run(faulty.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["orchestrator.resumed_from"] == "stage 0 step 20"  # the restart used the checkpoint
+    exp = client.get_experiment_by_name("orchestrator")
+    assert len(client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'faulty'")) == 1
+
+    calm_loss = dict(metric_history(calm.tracking_uri, calm.run_id, "train/loss"))
+    faulty_loss = metric_history(faulty.tracking_uri, faulty.run_id, "train/loss")
+    assert {s for s, _ in faulty_loss} == set(calm_loss) == set(range(10, 61, 10))  # no gap
+    for step, value in faulty_loss:  # steps logged before the kill and again after it agree, and with calm
+        assert value == pytest.approx(calm_loss[step], rel=1e-5), step
+    for key in ("test/all/mae", "test/few/mae", "val/all/mae"):
+        assert faulty.metrics[key] == pytest.approx(calm.metrics[key], rel=1e-6, abs=1e-9), key
+    assert math.isfinite(faulty.metrics["test/all/mae"])
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.timeout(900)
+def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
+    """A local two-node cluster (the scripted head and a second `ray start --address` on this machine),
+    one CPU each, so a two-cell sweep puts a worker on each node; the second node is killed mid-sweep.
+    Its cell is retried on the head from its checkpoint, in its own MLflow run, and the sweep completes."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    root = Path(tempfile.mkdtemp(prefix="orch-2n-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    home, state, token = tmp_path / "home", root / "state", root / "token"
+    gcs, dashboard, client, agent, agent2, grpc2, env2, metrics2 = _free_ports(8)
+    inherited = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "MLFLOW_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    env.update(ORCHESTRATOR_HOME=str(home), RAY_AUTH_TOKEN_PATH=str(token), VIRTUAL_ENV=sys.prefix,
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")  # a cell waiting for a free CPU retries sooner
+    head = subprocess.run(
+        [str(repo / "infra" / "ray-head-start.sh"), "--port", str(gcs), "--dashboard-port", str(dashboard),
+         "--client-port", str(client), "--agent-port", str(agent), "--worker-ports", "32000-32499",
+         "--num-cpus", "1", "--state-dir", str(state), "--temp-dir", str(root / "ray")],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    node2 = None
+    try:
+        assert head.returncode == 0, head.stderr[-3000:]
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", head.stdout, re.MULTILINE))
+        cluster_env = {**env, **exports, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+        node2 = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+             "--block", "--dashboard-agent-listen-port", str(agent2), "--dashboard-agent-grpc-port", str(grpc2),
+             "--runtime-env-agent-port", str(env2), "--metrics-export-port", str(metrics2),
+             "--min-worker-port", "32500", "--max-worker-port", "32999", "--disable-usage-stats"],
+            env=cluster_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        def ray_list(kind: str, **match: str) -> list[dict]:
+            """The cluster's state through the `ray` CLI (this test process never joins the cluster)."""
+            args = [str(Path(sys.executable).parent / "ray"), "list", kind, "--format", "json", "--limit", "1000",
+                    "--address", f"127.0.0.1:{gcs}"]
+            done = subprocess.run(args, env=cluster_env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr[-2000:]
+            start = done.stdout.find("[")  # log lines may come first
+            rows = json.loads(done.stdout[start:]) if start >= 0 else []
+            return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+        deadline = time.time() + 120
+        while len(ray_list("nodes", state="ALIVE")) < 2:
+            assert time.time() < deadline, "the second node never joined"
+            time.sleep(1)
+        head_id = next(n["node_id"] for n in ray_list("nodes") if n["is_head_node"])
+
+        (home).mkdir(parents=True, exist_ok=True)
+        ablation = home / "two-node.yaml"
+        ablation.write_text(yaml.safe_dump({
+            "name": "two-node",
+            "overrides": ["data.train_size=600", "data.max_per_label=2", "data.many_threshold=12",
+                          "data.few_threshold=4", "eval.max_samples=24", "eval.max_new_tokens=24",
+                          "stages.sft.steps=80", "stages.sft.lr=3e-3", "stages.sft.micro_batch_size=8",
+                          "checkpoint.every_steps=20", "tracking.log_every=10", "scaling.num_workers=1"],
+            "axes": {"seed": [1, 2]},
+            "max_failures": 3,
+        }))
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "sweep", str(ablation)], cwd=repo, env=cluster_env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        # Kill the second node once one of the cells' workers runs there and has checkpointed.
+        store = MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert sweep.poll() is None, "the sweep ended before the node was lost:\n" + sweep.stdout.read()
+            workers = ray_list("actors", class_name="RayTrainWorker", state="ALIVE")
+            remote = [w for w in workers if w["node_id"] != head_id]
+            exp = store.get_experiment_by_name("two-node") if (home / "mlruns" / "mlflow.db").exists() else None
+            runs = store.search_runs([exp.experiment_id]) if exp else []
+            checkpointed = [r for r in runs if any(m.step >= 30 for m in store.get_metric_history(r.info.run_id, "train/loss"))]
+            if remote and len(checkpointed) == 2:  # whichever cell runs there has a checkpoint to resume from
+                break
+            time.sleep(1)
+        os.killpg(node2.pid, signal.SIGKILL)  # the node and everything on it, without a goodbye
+        node2.wait(timeout=60)
+
+        out, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, out[-5000:]
+        runs = [r for r in store.search_runs([store.get_experiment_by_name("two-node").experiment_id])
+                if "orchestrator.cell" in r.data.tags]
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # one run per cell, both done
+        resumed = [r for r in runs if "orchestrator.resumed_from" in r.data.tags]
+        assert resumed, "no cell was restarted from a checkpoint after the node loss"
+        for run in runs:
+            steps = {m.step for m in store.get_metric_history(run.info.run_id, "train/loss")}
+            assert steps == set(range(10, 81, 10)), steps  # no gap
+            assert math.isfinite(run.data.metrics["test/all/mae"])
+        assert len(ray_list("nodes", state="ALIVE")) == 1
+    finally:
+        if node2 is not None and node2.poll() is None:
+            os.killpg(node2.pid, signal.SIGKILL)
+        subprocess.run([str(repo / "infra" / "ray-head-stop.sh"), "--state-dir", str(state)], env=env,
+                       capture_output=True, timeout=120)
+
+
+@pytest.mark.timeout(600)
+def test_a_tracking_server_outage_loses_no_metric(tmp_path, ray_cluster):
+    """The MLflow server dies mid-run and comes back on the same port and store: training does not
+    stop, rank 0 queues and retries, and every step's metrics and the run's artifacts arrive."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_ports(1)[0]
+    uri = f"http://127.0.0.1:{port}"
+    server_cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                  "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+
+    def start_server():
+        proc = subprocess.Popen(server_cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)
+                return proc
+            except Exception:
+                time.sleep(0.5)
+        proc.kill()
+        raise TimeoutError("the MLflow server did not start")
+
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")  # this test's polling
+    server = start_server()
+    outage: dict[str, float] = {}
+
+    def interrupt():
+        nonlocal server
+        client = MlflowClient(uri)
+        run_id = run_id_named(client, "outage")
+        while not any(m.step >= 10 for m in client.get_metric_history(run_id, "train/loss")):
+            time.sleep(0.2)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        outage["down"] = time.time()
+        time.sleep(15)  # training goes on meanwhile
+        server = start_server()
+        outage["up"] = time.time()
+
+    try:
+        killer = threading.Thread(target=interrupt)
+        killer.start()
+        out = run_training(make_cfg(tmp_path, "name=outage", *SFT_60, "tracking.log_every=5",
+                                    f"tracking.tracking_uri={uri}"))
+        killer.join()
+        assert outage.get("up"), "the server was never brought down and back"
+        client = MlflowClient(uri)
+        run = client.get_run(out.run_id)
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(out.run_id, "train/loss")]
+        assert sorted(set(steps)) == list(range(5, 61, 5))  # nothing lost across the outage
+        logged_at = [m.timestamp / 1000 for m in client.get_metric_history(out.run_id, "train/loss")]
+        assert any(outage["down"] < t < outage["up"] for t in logged_at)  # some were measured while it was down
+        assert "test/all/mae" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(out.run_id, "predictions")}
+        assert names == {"predictions/val.parquet", "predictions/test.parquet"}
+        assert not list((tmp_path / "results" / "outage").glob("unsent_mlflow.jsonl"))  # all delivered
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            os.environ.pop(key, None)
+
+
+def _fill(path) -> None:
+    """Write zeros until the filesystem refuses: the disk is full."""
+    import errno
+
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb") as f:
+        while True:
+            try:
+                f.write(chunk)
+                f.flush()
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    return
+                raise
+
+
+@pytest.mark.timeout(600)
+def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, ray_cluster):
+    """The checkpoint disk fills up after the first checkpoint: the run fails with the disk error
+    named, the last good checkpoint is intact (anything half-written is set aside), and once there
+    is room again the same run resumes from it into the same MLflow run."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from orchestrator.checkpoints import verify_checkpoint
+    from orchestrator.train import RunFailed
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here (needs root)")
+    filler = disk / "filler"
+    try:
+        cfg = make_cfg(tmp_path, "name=full", *SFT_60, f"storage_path={disk}")
+        run_dir = disk / "full"
+
+        def fill_after_first_checkpoint():
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                snapshot = run_dir / "checkpoint_manager_snapshot.json"
+                if snapshot.is_file():
+                    try:
+                        registered = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+                    except (ValueError, KeyError, TypeError):
+                        registered = None
+                    if registered and not verify_checkpoint(run_dir / registered):
+                        _fill(filler)  # Ray registered a complete checkpoint: now the disk is full
+                        return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=fill_after_first_checkpoint)
+        thread.start()
+        with pytest.raises(RunFailed) as failed:
+            run_training(cfg)
+        thread.join()
+        assert filler.exists(), "the disk was never filled"
+        assert "No space left on device" in str(failed.value)
+        client = MlflowClient(cfg.tracking.tracking_uri)
+        run_id = run_id_named(client, "full")
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["orchestrator.error"]
+        kept = [d for d in run_dir.glob("checkpoint_*") if d.is_dir() and not d.name.endswith(".incomplete")]
+        assert len(kept) == 1 and verify_checkpoint(kept[0]) == []  # the last good one, whole
+        assert json.loads((kept[0] / "orchestrator_state.json").read_text())["step"] == 20
+
+        filler.unlink()  # room again: the same command picks up where the good checkpoint left off
+        again = run_training(cfg)
+        assert again.run_id == run_id
+        finished = client.get_run(run_id)
+        assert finished.info.status == "FINISHED"
+        assert finished.data.tags["orchestrator.resumed_from"] == "stage 0 step 20"
+        assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == set(range(10, 61, 10))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
