@@ -320,6 +320,10 @@ class _StageBase(_Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="After warm-up: decay to 0 at the stage's last step (linear, as TRL's default, or "
+        "cosine), or hold the peak (constant)."
+    )
     steps: int = Field(100, ge=0, description="Optimizer steps in this stage.")
     micro_batch_size: int = Field(8, ge=1, description="Per worker, per forward pass.")
     grad_accum: int = Field(1, ge=1)

@@ -4,6 +4,7 @@ the train loop (logging on rank 0, checkpointing through Ray Train)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,8 +82,23 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up over
+    `warmup` steps, then `constant`, or a `linear`/`cosine` decay reaching 0 after step `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup + 1) / (total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; allowed: linear, cosine, constant")
+
+
 def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
-    """A DeepSpeed engine for one stage: torch AdamW, linear warm-up then constant LR."""
+    """A DeepSpeed engine for one stage: torch AdamW, warm-up, then the stage's lr schedule."""
     import deepspeed
 
     if not cfg.scaling.use_gpu:
@@ -90,9 +106,8 @@ def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
 
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
-    warmup = max(stage.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        optimizer, lambda s: lr_factor(s, stage.warmup_steps, stage.steps, stage.lr_schedule)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
