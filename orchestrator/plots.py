@@ -32,6 +32,16 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _finish(fig: Figure, ax, path: Path, title: str, ylabel: str) -> Path:
+    """Title, axis labels (x is always the target), a legend when something is labelled; then save."""
+    ax.set_title(title)
+    ax.set_xlabel("target")
+    ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0] and not ax.get_legend():
+        ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
 def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
@@ -105,12 +115,7 @@ def _scatter(path, targets, preds, regions, label_step) -> Path:
     elif failed == n:
         _note(ax, "every completion failed to parse")
     rate = f"{failed / n:.0%}" if n else "n/a"
-    ax.set_title(f"prediction vs target (n={n}, parse failures {failed} = {rate})")
-    ax.set_xlabel("target")
-    ax.set_ylabel("prediction")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    return _finish(fig, ax, path, f"prediction vs target (n={n}, parse failures {failed} = {rate})", "prediction")
 
 
 def _mae_per_bin(path, targets, preds, counts, label_step, many, few) -> Path:
@@ -127,12 +132,8 @@ def _mae_per_bin(path, targets, preds, counts, label_step, many, few) -> Path:
         ax.bar(uniq * label_step, mae, width=label_step * 0.9, align="edge", color="0.3", label="MAE")
     else:
         _note(ax, "no parsed predictions")
-    ax.set_title(f"MAE per label bin (width {label_step:g}; parse failures excluded: {failed})")
-    ax.set_xlabel("target")
-    ax.set_ylabel("mean absolute error")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    title = f"MAE per label bin (width {label_step:g}; parse failures excluded: {failed})"
+    return _finish(fig, ax, path, title, "mean absolute error")
 
 
 def _train_histogram(path, counts, label_step, many, few) -> Path:
@@ -148,10 +149,7 @@ def _train_histogram(path, counts, label_step, many, few) -> Path:
         ax.legend(fontsize=8, loc="upper right")
     else:
         _note(ax, "no training labels")
-    ax.set_title(f"training labels per bin (n={sum(counts.values())}, width {label_step:g})")
-    ax.set_xlabel("target")
-    ax.set_ylabel("count")
-    return _save(fig, path)
+    return _finish(fig, ax, path, f"training labels per bin (n={sum(counts.values())}, width {label_step:g})", "count")
 
 
 def cell_plots(predictions, train_targets, *, label_step: float, many: int, few: int, out_dir) -> list[Path]:

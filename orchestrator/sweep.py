@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config import (
@@ -34,6 +33,7 @@ from orchestrator.config import (
     _Strict,
     flatten,
     load_run_tree,
+    read_yaml_mapping,
     resolve_path,
     resolve_storage,
     set_field,
@@ -127,14 +127,7 @@ def normalize_pipeline(text: str) -> str:
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple[AblationConfig, dict[str, Any]]:
     """(the ablation, its base run-config tree with the ablation's and the command line's overrides)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ablation file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping (name, base, axes, ...)")
+    raw = read_yaml_mapping(p, "ablation file")
     try:
         ablation = AblationConfig.model_validate(raw)
     except ValidationError as exc:

@@ -13,6 +13,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
+from conftest import free_ports
+
 from orchestrator.train import run_training
 from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
 
@@ -81,18 +83,6 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
     assert math.isfinite(faulty.metrics["test/all/mae"])
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 @pytest.mark.timeout(900)
 def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
@@ -111,7 +101,7 @@ def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     root = Path(tempfile.mkdtemp(prefix="orch-2n-", dir="/tmp"))  # short: Ray's socket paths are length-limited
     home, state, token = tmp_path / "home", root / "state", root / "token"
-    gcs, dashboard, client, agent, agent2, grpc2, env2, metrics2 = _free_ports(8)
+    gcs, dashboard, client, agent, agent2, grpc2, env2, metrics2 = free_ports(8)
     inherited = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "MLFLOW_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     env.update(ORCHESTRATOR_HOME=str(home), RAY_AUTH_TOKEN_PATH=str(token), VIRTUAL_ENV=sys.prefix,
@@ -208,7 +198,7 @@ def test_a_tracking_server_outage_loses_no_metric(tmp_path, ray_cluster):
     import sys
     from pathlib import Path
 
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     uri = f"http://127.0.0.1:{port}"
     server_cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                   "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -290,7 +280,6 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, 
     is room again the same run resumes from it into the same MLflow run."""
     import json
     import subprocess
-    from pathlib import Path
 
     from orchestrator.checkpoints import verify_checkpoint
     from orchestrator.train import RunFailed

@@ -4,30 +4,16 @@ What must hold: the module handed to the next stage computes exactly what the fi
 engine computes (ZeRO-3 shards gathered, LoRA merged), and the reference reproduces the stage's
 starting policy whichever way it is held."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from orchestrator.config import load_run_config
 from orchestrator.models import add_lora_adapters, build_digit_tokenizer, is_lora_model, load_model_and_tokenizer
 from orchestrator.stages.common import ReferencePolicy, build_engine, full_parameters, gathered_state_dict, handoff_module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")  # a one-process gloo group (tests/conftest.py)
 
 
 def cfg_for(zero: int, lora: bool = False):

@@ -25,6 +25,8 @@ import pytest
 import ray
 import yaml
 
+from conftest import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 RAY_BIN = Path(sys.executable).parent / "ray"
@@ -307,16 +309,6 @@ TINY_RUN = [  # as in tests/test_e2e_train.py, on one worker
     "scaling.num_workers=1",
 ]
 
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def http_status(url: str, token: str | None = None) -> tuple[int, bytes]:

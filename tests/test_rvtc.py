@@ -2,12 +2,9 @@
 and vision-language models, its place in pipelines, and its survival through a DeepSpeed checkpoint."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from orchestrator.config import ConfigError, ModelConfig, load_run_config
@@ -170,25 +167,6 @@ def test_a_model_answering_through_its_head_has_no_generation_budget_to_check():
 
 
 # ------------------------------------------------------------------ checkpoint and resume on DeepSpeed
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    # DeepSpeed caches its backend and a clone of the world group; drop those an earlier test module's
-    # (destroyed) group left behind.
-    import deepspeed.comm.comm as ds_comm
-    import deepspeed.utils.groups as ds_groups
-
-    ds_comm.cdb, ds_groups._WORLD_GROUP = None, None
-    yield  # left up for the process: a later module's DeepSpeed engines keep working on it
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -1,6 +1,5 @@
 """The rank-0 logger when the tracking store goes away: nothing is lost, training never waits."""
 
-import time
 
 import pytest
 from mlflow import MlflowClient

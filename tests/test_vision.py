@@ -29,7 +29,6 @@ from orchestrator.vision import (
     mrope_sections,
     tokens_per_image,
 )
-from test_rvtc import process_group  # noqa: F401  (a one-process gloo group for DeepSpeed)
 
 SMALL_VISION = {"image_size": 32, "patch_size": 8, "merge_size": 2, "hidden_size": 32, "intermediate_size": 64}
 ARCHS = ["qwen2-vl", "smolvlm"]
