@@ -92,6 +92,7 @@ fi
 # see infra/README.md). A driver runs in a temporary copy of --working-dir, so relative paths
 # (data/, results/, mlruns/) are taken against ORCHESTRATOR_HOME to land in the checkout.
 export ORCHESTRATOR_HOME="${ORCHESTRATOR_HOME:-$repo}"
+mkdir -p "$ORCHESTRATOR_HOME"  # jobs write their data, results and MLflow store here
 export RAY_DISABLE_USAGE_STATS=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 # Ray-internal state clients (Train's placement-group cleaner) otherwise guess the head by scanning

@@ -4,11 +4,13 @@ The sweep driver killed mid-grid and resumed is tests/test_e2e_sweep.py; the tra
 away is tested here end to end and in tests/test_tracking.py unit by unit.
 """
 
+import json
 import math
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -36,22 +38,31 @@ def run_id_named(client, name: str, timeout_s: float = 300) -> str:
     raise TimeoutError(f"no run named {name}")
 
 
-def kill_a_worker_at(uri: str, name: str, step: int, killed: list) -> None:
-    """Once the run has logged `step`, SIGKILL one of its Ray Train worker processes."""
+def registered_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (its snapshot in the run's storage)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [int(c["metrics"]["train/step"]) for c in snapshot.get("checkpoint_results", [])]
+
+
+def kill_a_worker_at(run_dir: Path, step: int, killed: list) -> None:
+    """Once Ray Train has registered the checkpoint of `step`, SIGKILL one of the run's worker processes.
+    Waiting for the registration, not for the step's log line, keeps the test from racing the controller:
+    a checkpoint reported by the workers but not yet registered is not one a restart can use."""
     from ray.util.state import list_actors
 
-    client = MlflowClient(uri)
-    run_id = run_id_named(client, name)
     deadline = time.time() + 300
     while time.time() < deadline:
-        if any(s >= step for s, _ in metric_history(uri, run_id, "train/loss")):
+        if step in registered_checkpoint_steps(run_dir):
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 pid = workers[-1]["pid"]
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                killed.append((pid, registered_checkpoint_steps(run_dir)))
                 return
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path, ray_cluster):
@@ -60,7 +71,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
     same MLflow run, with no step missing."""
     calm = run_training(make_cfg(tmp_path, "name=calm", *SFT_60))
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_at, args=(calm.tracking_uri, "faulty", 30, killed))
+    killer = threading.Thread(target=kill_a_worker_at, args=(tmp_path / "results" / "faulty", 20, killed))
     killer.start()
     faulty = run_training(make_cfg(tmp_path, "name=faulty", *SFT_60), max_failures=1)
     killer.join()
@@ -69,7 +80,9 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
     client = MlflowClient(faulty.tracking_uri)
     run = client.get_run(faulty.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["orchestrator.resumed_from"] == "stage 0 step 20"  # the restart used the checkpoint
+    # the restart used the latest checkpoint registered when the worker died (20, or 40 on a slow poll)
+    latest = max(killed[0][1])
+    assert run.data.tags["orchestrator.resumed_from"] == f"stage 0 step {latest}" and latest < 60
     exp = client.get_experiment_by_name("orchestrator")
     assert len(client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'faulty'")) == 1
 

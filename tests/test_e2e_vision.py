@@ -41,6 +41,7 @@ def test_vlm_sft_then_grpo_ccc_on_digit_count(tmp_path, ray_cluster):
     cfg = make_cfg(
         tmp_path, "name=vlm-ccc", "pipeline=sft:ce -> grpo:ccc+format", *DIGITS, "model.tiny.architecture=qwen2-vl",
         "pipeline.0.steps=40", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8",
+        "pipeline.0.lr_schedule=constant",  # a decaying rate does not teach the format in 40 steps
         "pipeline.1.steps=2", "pipeline.1.micro_batch_size=3", "pipeline.1.group_size=3",
         "pipeline.1.max_new_tokens=20", "pipeline.1.lr=1e-4", "eval.max_new_tokens=20",
         "tracking.log_every=2", "checkpoint.every_steps=100",
@@ -64,7 +65,7 @@ def test_rvtc_on_text(tmp_path, ray_cluster):
     generating, logged like every other pipeline."""
     cfg = make_cfg(
         tmp_path, "name=rvtc-text", "pipeline=sft:rvtc", "pipeline.0.steps=40", "pipeline.0.lr=3e-3",
-        "pipeline.0.micro_batch_size=8", "checkpoint.every_steps=20",
+        "pipeline.0.lr_schedule=constant", "pipeline.0.micro_batch_size=8", "checkpoint.every_steps=20",
     )
     out = run_training(cfg)
     client = MlflowClient(out.tracking_uri)
