@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e" tests
+
+# The same SFT and GRPO work with this project and with TRL, back to back; prints the ratios and writes
+# results/bench/latest.md. torch and transformers are pinned on the command line so pip keeps them.
+bench: setup
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[bench]' torch==2.13.0 transformers==5.23.0
+	$(VENV)/bin/orchestrator bench --quick
 
 clean:
 	rm -rf $(VENV) data results mlruns

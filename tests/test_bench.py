@@ -1,0 +1,209 @@
+"""The bench's pure parts against hand-computed values: rates, ratios, FLOP/s, Markdown, the README
+section, grid-overhead arithmetic, and bad input refused before any compute. No TRL, no Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchestrator import bench
+from orchestrator.bench import (
+    README_END,
+    README_START,
+    BenchError,
+    batch_tokens,
+    grid_overhead,
+    matmul_flops_per_s,
+    ratio,
+    render_grid,
+    render_markdown,
+    replace_readme_section,
+    step_rates,
+    train_flops_per_s,
+    windows_to_totals,
+)
+from orchestrator.cli import main
+
+
+def test_ratio():
+    assert ratio(3.0, 2.0) == 1.5
+    assert math.isnan(ratio(1.0, 0.0))
+    assert math.isnan(ratio(None, 2.0))
+    assert math.isnan(ratio(1.0, float("nan")))
+
+
+def test_flops_arithmetic():
+    # 6 * 1,000 params * 50 tokens/s = 300,000 FLOP/s
+    assert train_flops_per_s(1000, 50.0) == 300_000.0
+    # 1024^3 * 2 = 2,147,483,648 FLOPs in 0.5 s
+    assert matmul_flops_per_s(1024, 0.5) == 4_294_967_296.0
+    assert ratio(train_flops_per_s(1000, 50.0), matmul_flops_per_s(10, 0.002)) == 300_000.0 / 1_000_000.0
+
+
+def test_windows_to_totals():
+    # two windows of 40 samples: at 20 samples/s (2 s, 100 tokens/s -> 200 tokens) and 40 samples/s
+    # (1 s, 300 tokens/s -> 300 tokens): 80 samples, 500 tokens, 3 s; 80/3 samples/s, not the mean 30
+    samples, tokens, seconds = windows_to_totals([(20.0, 100.0), (40.0, 300.0)], 40)
+    assert (samples, tokens, seconds) == (80.0, 500.0, 3.0)
+
+
+def test_step_rates_drop_warmup():
+    # 4 steps of 8 samples; the first (warm-up, 10 s) dropped; 3 steps in 1+1+2 = 4 s -> 24/4 = 6 samples/s
+    r = step_rates([10.0, 1.0, 1.0, 2.0], 8, [999, 10, 20, 30], warmup=1)
+    assert r["samples_per_s"] == 6.0
+    assert r["tokens_per_s"] == 60 / 4
+    assert r["step_s"] == 4 / 3
+    assert r["steps"] == 3.0
+    with pytest.raises(BenchError, match="no timed steps"):
+        step_rates([1.0], 8, None, warmup=1)
+
+
+def test_batch_tokens_counts_like_the_sft_stage():
+    # labels[1:] != -100 per row; processed = rows * longest row (right padding)
+    examples = [([1, 2, 3, 4], [-100, -100, 3, 4]), ([1, 2], [-100, 2])]
+    assert batch_tokens(examples) == (2 + 1, 2 * 4)
+
+
+def _result(**over):
+    result = {
+        "mode": "quick",
+        "when": "2026-01-01 00:00",
+        "machine": "2 CPUs, test",
+        "model": "tiny",
+        "settings": {"workers": 1, "cpus_per_worker": 2.0, "threads": 2},
+        "sft": {"describe": "100 steps", "project": {"samples_per_s": 300.0, "tokens_per_s": 1500.0},
+                "trl": {"samples_per_s": 100.0, "tokens_per_s": 500.0}},
+        "grpo": {"describe": "B=8", "project": {"samples_per_s": 20.0, "tokens_per_s": 400.0, "step_s": 1.6,
+                                                "phases": {"generation": 1.0, "reward": 0.1, "logprobs": 0.2,
+                                                           "forward_backward": 0.2, "optimizer": 0.05}},
+                 "trl": {"samples_per_s": 16.0, "tokens_per_s": 320.0, "step_s": 2.0}},
+        "flops": {"peak": 1e11, "achieved": 2.5e9, "trl_achieved": 1e9, "params": 1000, "tokens_per_s": 5000.0,
+                  "matmul_n": 1024, "repeats": 10},
+        "notes": ["a note"],
+    }
+    result.update(over)
+    return result
+
+
+def test_render_markdown_rows_and_ratios():
+    text = render_markdown(_result())
+    assert "| SFT (100 steps) | 300.0 | 100.0 | 3.00 | 1,500 | 500 |" in text
+    assert "| GRPO (B=8) | 20.0 | 16.0 | 1.25 | 400 | 320 |" in text
+    assert "| generation | 1.0000 | 62.5% |" in text
+    # other = 1.6 - 1.55 = 0.05 s = 3.1%
+    assert "| other (batching, statistics, all-reduce) | 0.0500 | 3.1% |" in text
+    assert "**2.50%**" in text  # 2.5 GFLOP/s of 100 GFLOP/s
+    assert "2.50 GFLOP/s achieved" in text and "100.00 GFLOP/s" in text
+    assert "TRL SFT on the same count: 1.00%" in text
+    assert "a note" in text
+
+
+def test_render_markdown_missing_values_show_dashes():
+    r = _result()
+    r["sft"]["trl"] = {}
+    text = render_markdown(r)
+    assert "| SFT (100 steps) | 300.0 | — | — | 1,500 | — |" in text
+
+
+README = f"# title\n\nintro\n\n## Performance\n\n{README_START}\nold body\n{README_END}\n\n## Next\n\ntail\n"
+
+
+def test_replace_readme_section_keeps_the_rest():
+    out = replace_readme_section(README, "new body\n\n| a |\n")
+    assert out == f"# title\n\nintro\n\n## Performance\n\n{README_START}\nnew body\n\n| a |\n{README_END}\n\n## Next\n\ntail\n"
+    # idempotent
+    assert replace_readme_section(out, "new body\n\n| a |\n") == out
+
+
+@pytest.mark.parametrize("text", ["# no markers\n", f"{README_START}\nonly start\n", f"{README_END}\n{README_START}\n",
+                                  f"{README_START}\n{README_END}\n{README_START}\n{README_END}\n"])
+def test_replace_readme_section_refuses_bad_markers(text):
+    with pytest.raises(BenchError):
+        replace_readme_section(text, "body")
+
+
+def test_grid_overhead_arithmetic():
+    cells = {
+        "a": {"time/train_s": 10.0, "time/eval_s": 2.0, "time/worker_start_s": 3.0, "time/model_load_s": 1.0,
+              "time/generation_s": 99.0, "time/step_s": 99.0, "test/all/mae": 5.0},
+        "b": {"time/train_s": 20.0, "time/eval_s": 4.0, "time/worker_start_s": 5.0, "time/driver_setup_s": 2.0},
+    }
+    g = grid_overhead(72.0, cells)
+    assert g["compute_s"] == 36.0
+    assert g["wall_over_compute"] == 2.0
+    assert g["phases"] == {"worker_start": 8.0, "driver_setup": 2.0, "model_load": 1.0}  # per-step GRPO times left out
+    assert g["overhead_s"] == 11.0
+    assert g["shares"]["worker_start"] == 8.0 / 11.0
+    assert g["missing"] == {}
+    text = render_grid("s", g)
+    assert "wall / compute: **2.00**" in text and "| worker_start | 8.00 | 72.7% |" in text
+
+
+def test_grid_overhead_keeps_totals_apart_and_names_the_rest():
+    cell = {"time/train_s": 10.0, "time/eval_s": 2.0, "time/worker_start_s": 3.0, "time/teardown_s": 1.0,
+            "time/driver_ray_init_s": 2.0, "time/driver_fit_s": 15.0, "time/worker_total_s": 11.0,
+            "time/driver_total_s": 20.0, "time/collectives_s": 0.5}
+    g = grid_overhead(30.0, {"a": cell})
+    assert g["compute_s"] == 12.0
+    assert g["totals"] == {"driver_fit": 15.0, "worker_total": 11.0, "driver_total": 20.0}
+    # driver_total 20 - named (10 + 2 + 3 + 1 + 2) = 2 s unnamed; collectives is per-step, left out
+    assert g["phases"] == {"worker_start": 3.0, "driver_ray_init": 2.0, "unnamed (inside cells)": 2.0, "teardown": 1.0}
+    assert g["overhead_s"] == 8.0
+
+
+def test_grid_overhead_reports_missing_timings():
+    g = grid_overhead(50.0, {"a": {"time/generation_s": 1.0, "val/all/mae": 3.0}, "b": {"time/train_s": 5.0}})
+    assert g["compute_s"] == 5.0
+    assert g["missing"] == {"a": ["train", "eval"], "b": ["eval"]}
+    assert g["phases"] == {}
+    text = render_grid("s", g)
+    assert "cannot be split" in text and "missing in 2 of 2 cells: time/eval_s, time/train_s" in text
+
+
+def test_settings_and_bad_mode():
+    s = bench.settings_for("quick", cpus=2)
+    assert (s.workers, s.cpus_per_worker, s.threads) == (1, 2.0, 2)
+    assert s.sft_steps > s.sft_warmup and (s.sft_steps - s.sft_warmup) % s.sft_warmup == 0  # whole log windows
+    assert s.grpo_steps > s.grpo_warmup and (s.grpo_steps - s.grpo_warmup) % s.grpo_warmup == 0
+    assert bench.settings_for("quick", workers=2, cpus=2).cpus_per_worker == 1.0
+    with pytest.raises(BenchError, match="unknown bench mode 'fast'"):
+        bench.settings_for("fast")
+
+
+def test_cli_bad_mode_exits_2_before_compute(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("compute started"))
+    assert main(["bench", "--mode", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown bench mode 'fast'" in err
+
+
+def test_cli_trl_missing_exits_2_with_install_hint(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("compute started"))
+    assert main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "TRL is not installed" in err and "make bench" in err and "pip install -e '.[bench]'" in err
+
+
+def test_cli_write_readme_without_result_exits_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))  # no results/bench/latest.md there
+    assert main(["bench", "--write-readme"]) == 2
+    assert "no bench result" in capsys.readouterr().err
+
+
+def test_sft_step_indices_match_the_stage_order():
+    from orchestrator.data.collate import micro_batch_indices
+
+    order = bench.sft_step_indices(50, 7, steps=3, micro_batch=4, workers=2)
+    assert len(order) == 3 and all(len(step) == 2 and all(len(r) == 4 for r in step) for step in order)
+    assert order[2][1] == micro_batch_indices(50, 7, 2, 0, 1, 1, 2, 4).tolist()
+
+
+def test_trl_side_imports_when_installed():
+    pytest.importorskip("trl")
+    bench.check_trl()
+    assert callable(bench.trl_sft) and callable(bench.trl_grpo)
