@@ -59,6 +59,12 @@ def test_step_rates_drop_warmup():
         step_rates([1.0], 8, None, warmup=1)
 
 
+def test_best_window_rate():
+    # warm-up step dropped; windows of 2 steps: (1+1) -> 8 samples/s, (2+2) -> 4; the partial last ignored
+    assert bench.best_window_rate([9.0, 1.0, 1.0, 2.0, 2.0, 0.1], 8, window=2, warmup=1) == 8.0
+    assert math.isnan(bench.best_window_rate([1.0, 1.0], 8, window=2, warmup=1))
+
+
 def test_batch_tokens_counts_like_the_sft_stage():
     # labels[1:] != -100 per row; processed = rows * longest row (right padding)
     examples = [([1, 2, 3, 4], [-100, -100, 3, 4]), ([1, 2], [-100, 2])]
@@ -72,8 +78,9 @@ def _result(**over):
         "machine": "2 CPUs, test",
         "model": "tiny",
         "settings": {"workers": 1, "cpus_per_worker": 2.0, "threads": 2},
-        "sft": {"describe": "100 steps", "project": {"samples_per_s": 300.0, "tokens_per_s": 1500.0},
-                "trl": {"samples_per_s": 100.0, "tokens_per_s": 500.0}},
+        "sft": {"describe": "100 steps", "project": {"samples_per_s": 300.0, "tokens_per_s": 1500.0,
+                                                     "best_window_samples_per_s": 330.0},
+                "trl": {"samples_per_s": 100.0, "tokens_per_s": 500.0, "best_window_samples_per_s": 110.0}},
         "grpo": {"describe": "B=8", "project": {"samples_per_s": 20.0, "tokens_per_s": 400.0, "step_s": 1.6,
                                                 "phases": {"generation": 1.0, "reward": 0.1, "logprobs": 0.2,
                                                            "forward_backward": 0.2, "optimizer": 0.05}},
@@ -97,6 +104,7 @@ def test_render_markdown_rows_and_ratios():
     assert "2.50 GFLOP/s achieved" in text and "100.00 GFLOP/s" in text
     assert "TRL SFT on the same count: 1.00%" in text
     assert "a note" in text
+    assert "samples/s project vs TRL: SFT 330.0 vs 110.0 (ratio 3.00)." in text
 
 
 def test_render_markdown_missing_values_show_dashes():
@@ -150,6 +158,13 @@ def test_grid_overhead_keeps_totals_apart_and_names_the_rest():
     # driver_total 20 - named (10 + 2 + 3 + 1 + 2) = 2 s unnamed; collectives is per-step, left out
     assert g["phases"] == {"worker_start": 3.0, "driver_ray_init": 2.0, "unnamed (inside cells)": 2.0, "teardown": 1.0}
     assert g["overhead_s"] == 8.0
+
+
+def test_grid_overhead_fit_without_worker_timings_stays_one_lump():
+    cell = {"time/driver_prepare_s": 5.0, "time/driver_fit_s": 40.0, "time/driver_total_s": 46.0}
+    g = grid_overhead(60.0, {"a": cell})
+    assert g["phases"] == {bench.UNSPLIT_FIT: 40.0, "driver_prepare": 5.0, "unnamed (inside cells)": 1.0}
+    assert g["missing"] == {"a": ["train", "eval"]}
 
 
 def test_grid_overhead_reports_missing_timings():
