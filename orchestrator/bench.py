@@ -81,12 +81,17 @@ class BenchSettings:
         return max(1, int(self.workers * self.cpus_per_worker))
 
 
-def settings_for(mode: str, workers: int = 1, cpus: int | None = None) -> BenchSettings:
+def settings_for(mode: str, workers: int | None = None, cpus: int | None = None) -> BenchSettings:
+    """The bench's fixed work per mode. The project side defaults to one single-threaded Ray Train worker
+    per CPU (2 × 1 on a 2-core machine): measured faster here than 1 worker × 2 threads for both stages
+    (best-window SFT 338 vs 204 samples/s, GRPO 180 vs 122), as the tiny model gains little from a
+    second thread. TRL then accumulates one micro-batch per worker, so a step is the same work."""
     if mode not in MODES:
         raise BenchError(f"unknown bench mode {mode!r}; allowed: {', '.join(MODES)}")
-    if workers < 1:
-        raise BenchError(f"--workers must be >= 1, got {workers}")
     cpus = cpus or os.cpu_count() or 1
+    workers = min(2, cpus) if workers is None else workers
+    if workers < 1 or workers > cpus:
+        raise BenchError(f"--workers must be between 1 and the {cpus} CPUs, got {workers}")
     common = dict(workers=workers, cpus_per_worker=max(1.0, float(cpus // workers)), grpo_temperature=1.0, grpo_beta=0.04)
     if mode == "quick":
         return BenchSettings(
@@ -303,6 +308,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{flops['repeats']}): **{_num(100 * ratio(flops['achieved'], flops['peak']), 2)}%**. "
             f"TRL SFT on the same count: {_num(100 * ratio(flops.get('trl_achieved'), flops['peak']), 2)}%.",
         ]
+        if flops.get("best_achieved"):
+            lines[-1] += (
+                f" At the best windows' rates: project {_num(100 * ratio(flops['best_achieved'], flops['peak']), 2)}%, "
+                f"TRL {_num(100 * ratio(flops.get('trl_best_achieved'), flops['peak']), 2)}%."
+            )
     for note in result.get("notes", []):
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
@@ -724,6 +734,9 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
     t_grpo = _trl_subprocess("grpo", {**spec_common, "config": grpo_cfg.model_dump(mode="json")}, out_dir, s.threads)
     mark("after TRL GRPO")
     shutil.rmtree(out_dir / "trl-output", ignore_errors=True)
+    again = matmul_peak(s.threads)  # the peak again, after: the better of the two is the less contended
+    peak["peak"] = max(peak["peak"], again["peak"])
+    peak["repeats"] += again["repeats"]
 
     notes = []
     cpus = os.cpu_count() or 1
@@ -741,6 +754,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
         notes.append(f"WARNING: the project's logged tokens ({p_sft['supervised_tokens']:.0f}) differ from the "
                      f"expected {expected_supervised} supervised tokens.")
     processed_per_s = expected_processed / p_sft["seconds"]
+    processed_per_sample = expected_processed / ((s.sft_steps - s.sft_warmup) * s.sft_micro_batch * s.workers)
     params = int(t_sft["trainable_params"])
     p_sft["processed_tokens_per_s"] = processed_per_s
     model_name = sft_cfg.model.source if sft_cfg.model.source != "tiny" else (
@@ -771,6 +785,9 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
             **peak, "params": params, "tokens_per_s": processed_per_s,
             "achieved": train_flops_per_s(params, processed_per_s),
             "trl_achieved": train_flops_per_s(params, t_sft["processed_tokens_per_s"]),
+            # at the best window's rate (same tokens per sample as the timed steps on average)
+            "best_achieved": train_flops_per_s(params, p_sft["best_window_samples_per_s"] * processed_per_sample),
+            "trl_best_achieved": train_flops_per_s(params, t_sft["best_window_samples_per_s"] * processed_per_sample),
         },
         "notes": notes + [
             f"Identical on both sides: weights, tokenized SFT batches in the same order ({expected_supervised:,} supervised "

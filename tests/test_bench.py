@@ -103,6 +103,9 @@ def test_render_markdown_rows_and_ratios():
     assert "**2.50%**" in text  # 2.5 GFLOP/s of 100 GFLOP/s
     assert "2.50 GFLOP/s achieved" in text and "100.00 GFLOP/s" in text
     assert "TRL SFT on the same count: 1.00%" in text
+    r = _result()
+    r["flops"].update(best_achieved=5e9, trl_best_achieved=4e9)
+    assert "At the best windows' rates: project 5.00%, TRL 4.00%." in render_markdown(r)
     assert "a note" in text
     assert "samples/s project vs TRL: SFT 330.0 vs 110.0 (ratio 3.00)." in text
 
@@ -178,10 +181,12 @@ def test_grid_overhead_reports_missing_timings():
 
 def test_settings_and_bad_mode():
     s = bench.settings_for("quick", cpus=2)
-    assert (s.workers, s.cpus_per_worker, s.threads) == (1, 2.0, 2)
+    assert (s.workers, s.cpus_per_worker, s.threads) == (2, 1.0, 2)
+    assert (bench.settings_for("quick", workers=1, cpus=2).cpus_per_worker, bench.settings_for("quick", cpus=1).workers) == (2.0, 1)
     assert s.sft_steps > s.sft_warmup and (s.sft_steps - s.sft_warmup) % s.sft_warmup == 0  # whole log windows
     assert s.grpo_steps > s.grpo_warmup and (s.grpo_steps - s.grpo_warmup) % s.grpo_warmup == 0
-    assert bench.settings_for("quick", workers=2, cpus=2).cpus_per_worker == 1.0
+    with pytest.raises(BenchError, match="--workers"):
+        bench.settings_for("quick", workers=3, cpus=2)
     with pytest.raises(BenchError, match="unknown bench mode 'fast'"):
         bench.settings_for("fast")
 
