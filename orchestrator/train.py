@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from orchestrator.stages.common import REFERENCE_FILE, StageContext, handoff_module
     from orchestrator.stages.evaluation import evaluate_model
 
+    entered = time.time()
+    timings: dict[str, float] = {}  # run phases on rank 0's clock; the driver logs them as time/<phase>_s
+    if loop_config.get("fit_started_at"):  # Ray Train's controller and worker-group start, process spawn, imports
+        timings["worker_start"] = entered - float(loop_config["fit_started_at"])
     cfg = RunConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -86,6 +91,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
 
+    t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
     model.to(device)
     dataset = load_built(loop_config["dataset_path"])
@@ -98,13 +104,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     if not dataset.has_images:
         processor = None  # a VLM on a text dataset runs the text path
+    timings["model_load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool_dir"]) if rank == 0 else None
+    timings["tracking"] = time.perf_counter() - t0
 
     def log(metrics: dict[str, float], step: int) -> None:
         if logger is not None:
             logger.log_metrics(metrics, step)
 
+    t0 = time.perf_counter()
     start_stage, start_step, resume_dir = _restore_point()
+    timings["restore"] = time.perf_counter() - t0
     if logger is not None and resume_dir is not None:
         logger.set_tag("orchestrator.resumed_from", f"stage {start_stage} step {start_step}")
 
@@ -114,7 +125,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if index < start_stage:
             continue
         if engine is not None:  # the previous stage's weights, full and merged, start this one
+            t0 = time.perf_counter()
             model = handoff_module(engine).to(device)
+            timings["handoff"] = timings.get("handoff", 0.0) + time.perf_counter() - t0
 
         extra: dict[str, Any] = {}
 
@@ -147,6 +160,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             checkpoint=checkpoint,
             extra=extra,
             processor=processor,
+            timings=timings,
         )
         resuming = index == start_stage and resume_dir is not None
         engine = _stage_runner(stage.kind)(
@@ -157,16 +171,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = StageContext(
         cfg=cfg, model=model, tokenizer=tokenizer, digit_token_ids=digit_token_ids(tokenizer), dataset=dataset,
         rank=rank, world_size=world, device=device, stage_index=len(cfg.pipeline), global_step_offset=offset,
-        log=log, checkpoint=lambda *a: None, processor=processor,
+        log=log, checkpoint=lambda *a: None, processor=processor, timings=timings,
     )
+    t0 = time.perf_counter()
     metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
+    timings["eval"] = time.perf_counter() - t0
     if logger is not None:
+        t0 = time.perf_counter()
         logger.log_metrics(metrics, offset)
         log_predictions(logger, predictions, dataset)
         logger.close(cfg.tracking.flush_timeout_s)  # everything queued reaches the store, or the run fails loudly
+        timings["tracking"] += time.perf_counter() - t0
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
-    ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}})
+    timings["worker_total"] = time.time() - entered
+    # Rank 0's last report is what fit() returns: the driver logs these timings (the logger is closed).
+    report = {f"time/{k}_s": v for k, v in timings.items()}
+    report["time/worker_end_at"] = time.time()
+    ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}, **report})
 
 
 def log_predictions(logger: RunLogger, predictions: dict, dataset) -> None:
@@ -430,11 +452,21 @@ def run_training(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    t_run = time.perf_counter()
+    driver: dict[str, float] = {}
+    t0 = time.perf_counter()
     prepared = prepared or prepare_run(cfg)
+    driver["prepare"] = time.perf_counter() - t0
     built, model_source, uri = prepared.dataset, prepared.model_source, prepared.tracking_uri
+    t0 = time.perf_counter()
     run_id = start_or_resume_run(cfg, parent_run_id, extra_tags)
+    driver["tracking_setup"] = time.perf_counter() - t0
     try:
+        t0 = time.perf_counter()
         init_ray()
+        driver["ray_init"] = time.perf_counter() - t0
+        configure_ray_train()
+        fit_started_at = time.time()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -444,6 +476,7 @@ def run_training(
                 "tracking_uri": uri,
                 "run_id": run_id,
                 "spool_dir": spool_dir(cfg),
+                "fit_started_at": fit_started_at,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
@@ -457,7 +490,8 @@ def run_training(
                 failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
-        trainer.fit()
+        result = trainer.fit()
+        fit_ended_at = time.time()
     except BaseException as exc:
         storage = resolve_storage(cfg.storage_path)
         moved = [] if "://" in storage else quarantine_incomplete(Path(storage) / cfg.name)
@@ -466,6 +500,42 @@ def run_training(
         if isinstance(exc, Exception):
             raise failure from exc
         raise
+    driver["fit"] = fit_ended_at - fit_started_at
+    log_run_timings(uri, run_id, cfg, driver, dict(getattr(result, "metrics", None) or {}), fit_ended_at, t_run)
     finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s)
     metrics = tracking_client(uri).get_run(run_id).data.metrics
     return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)
+
+
+def log_run_timings(uri: str, run_id: str, cfg: RunConfig, driver: dict[str, float], reported: dict[str, Any],
+                    fit_ended_at: float, t_run: float) -> None:
+    """The run's phases as time/<phase>_s metrics: the workers' (rank 0's last report) and the driver's own.
+    teardown = from the workers' last report to fit() returning (Ray Train's shutdown of its worker group
+    and helper actors). Timing is diagnostics: a tracking hiccup here must not fail a finished run."""
+    from mlflow.entities import Metric
+
+    times = {k: float(v) for k, v in reported.items() if k.startswith("time/") and k != "time/worker_end_at"}
+    if "time/worker_end_at" in reported:
+        times["time/teardown_s"] = fit_ended_at - float(reported["time/worker_end_at"])
+    times.update({f"time/driver_{k}_s": v for k, v in driver.items()})
+    times["time/driver_total_s"] = time.perf_counter() - t_run
+    step = sum(s.steps for s in cfg.pipeline)
+    now = int(time.time() * 1000)
+    try:
+        tracking_client(uri).log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in times.items()])
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: run timings not logged: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+# Ray Train V2 knobs for short runs on one machine (set unless the user set them): the controller polls
+# its workers every 2 s by default, so a finished run waited up to 2 s to be noticed; the preemption
+# watcher is one more actor process per run, for spot-instance drains a local cluster never sees.
+RAY_TRAIN_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def configure_ray_train() -> None:
+    for key, value in RAY_TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)

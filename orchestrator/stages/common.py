@@ -4,8 +4,10 @@ the train loop (logging on rank 0, checkpointing through Ray Train)."""
 from __future__ import annotations
 
 import contextlib
-import math
 import copy
+import inspect
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,12 @@ class StageContext:
     # vision.ImageOnlyProcessor when the model is a VLM AND the dataset has images; None keeps every
     # stage on its text path (no image work at all).
     processor: Any = None
+    # Seconds per run phase (deepspeed_init, train, checkpoint, ...), summed over stages; rank 0 logs
+    # them as time/<phase>_s at the end of the run.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def prompt_text(self, prompt: str) -> str:
         """The user turn: the prompt, after the image placeholders when rows carry images."""
@@ -131,6 +139,32 @@ def full_parameters(engine_or_model):
             yield module
     else:
         yield module
+
+
+def accepts_logits_to_keep(engine_or_model) -> bool:
+    """Whether the model's forward can compute the LM head at its last K positions only
+    (transformers' `logits_to_keep`); models without it get full logits, sliced afterwards."""
+    from orchestrator.rvtc import base_model
+
+    try:
+        return "logits_to_keep" in inspect.signature(base_model(engine_or_model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Stopwatch:
+    """`with watch("phase"):` adds the block's wall time to timings[phase]."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

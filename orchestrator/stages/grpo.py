@@ -33,6 +33,8 @@ from orchestrator.stages.common import (
     REFERENCE_FILE,
     ReferencePolicy,
     StageContext,
+    Stopwatch,
+    accepts_logits_to_keep,
     all_gather_objects,
     all_reduce_sum,
     build_engine,
@@ -40,11 +42,20 @@ from orchestrator.stages.common import (
 )
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images=None) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for t = 1..T-1, shape [N, T-1]; `images` one row per sequence."""
+def token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images=None, start: int = 0, keep: bool = False
+) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = start+1..T-1, shape [N, T-1-start]; `images` one row per sequence.
+    `start` skips prompt positions that no row needs (the loss reads completion tokens only); with `keep`
+    the model computes the LM head for the kept positions only (`logits_to_keep`), else full logits are
+    sliced. log_softmax(x)[y] is computed as x[y] − logsumexp(x), never materialising [N, T, V] log-probs."""
     extra = images.inputs_for(input_ids) if images is not None else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1, :].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    width = input_ids.shape[1] - start  # positions start..T-1; the last predicts nothing
+    if keep and start > 0:
+        extra["logits_to_keep"] = width
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, -width:-1, :].float()
+    targets = input_ids[:, start + 1 :].unsqueeze(-1)
+    return (logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1))
 
 
 def build_sequences(prompt_ids: list[list[int]], completions: list[list[int]], group_size: int, pad_id: int):
@@ -76,11 +87,15 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         lora = ctx.cfg.model.lora.enabled
         saved = Path(resume_dir or "", REFERENCE_FILE)
         weights = load_file(str(saved)) if resume_dir is not None and not lora else None
-        reference = ReferencePolicy(ctx.model, ctx.cfg, stage, lora, weights)
-    engine = build_engine(ctx.model, stage, ctx.cfg)
+        with Stopwatch(ctx.timings)("deepspeed_init"):  # a copy, and a DeepSpeed engine under ZeRO-3
+            reference = ReferencePolicy(ctx.model, ctx.cfg, stage, lora, weights)
+    with Stopwatch(ctx.timings)("deepspeed_init"):
+        engine = build_engine(ctx.model, stage, ctx.cfg)
     if resume_dir is not None:
-        engine.load_checkpoint(resume_dir, tag="ckpt")
+        with Stopwatch(ctx.timings)("checkpoint_load"):
+            engine.load_checkpoint(resume_dir, tag="ckpt")
     ctx.extra["reference"] = reference
+    keep = accepts_logits_to_keep(engine)
 
     ds = ctx.dataset
     train = ds.load("train")
@@ -96,6 +111,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
     tok = ctx.tokenizer
     timings: dict[str, float] = defaultdict(float)
     window: dict[str, list[float]] = defaultdict(list)
+    watch = Stopwatch(timings)
 
     for step in range(start_step, stage.steps):
         t_step = time.perf_counter()
@@ -121,7 +137,8 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         # 2. rewards (batch-level terms see the worker's minibatch or the global one)
         t0 = time.perf_counter()
         if stage.ccc_scope == "global" and ctx.world_size > 1:
-            (g_parsed, g_targets, g_texts), g_columns, offsets = global_rollout(parsed, targets, texts, columns)
+            with watch("collectives"):
+                (g_parsed, g_targets, g_texts), g_columns, offsets = global_rollout(parsed, targets, texts, columns)
             lo, hi = offsets[ctx.rank], offsets[ctx.rank + 1]
         else:
             g_parsed, g_targets, g_texts, g_columns, lo, hi = parsed, targets, texts, columns, 0, B
@@ -137,34 +154,44 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         # 3. old-policy and reference log-probs, once per rollout batch
         t0 = time.perf_counter()
         input_ids, attention_mask, mask = build_sequences(prompt_ids, completions, G, tok.pad_token_id)
+        # The loss reads completion tokens only: log-probs start at the shortest prompt's last token (the
+        # first position that predicts a completion token in any row). On the image path the model may
+        # expand placeholders, so every position is kept there.
+        start = min(len(p) for p in prompt_ids) - 1 if pixels is None else 0
+        mask = mask[:, start:]
         input_ids, attention_mask, mask = input_ids.to(ctx.device), attention_mask.to(ctx.device), mask.to(ctx.device)
         chunks = np.array_split(np.arange(B * G), stage.grad_accum)
         sample_pixels = pixels.repeat(G) if pixels is not None else None  # row j shows prompt j // G's image
         chunk_pixels = [sample_pixels.select(c) if sample_pixels is not None else None for c in chunks]
+
+        def logprobs(model, c, px):
+            return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep)
+
         with torch.no_grad():
-            old_logp = torch.cat(
-                [token_logprobs(engine, input_ids[c], attention_mask[c], px) for c, px in zip(chunks, chunk_pixels)]
-            )
+            # With one update per rollout the policy has not moved since it sampled: its old log-probs are
+            # the update's own log-probs, detached (ratio 1), so no separate forward is needed.
+            old_logp = None
+            if stage.num_iterations > 1:
+                old_logp = torch.cat([logprobs(engine, c, px) for c, px in zip(chunks, chunk_pixels)])
             ref_logp = None
             if reference is not None:
                 with reference.forward_model(engine) as ref_model:
-                    ref_logp = torch.cat([
-                        token_logprobs(ref_model, input_ids[c], attention_mask[c], px)
-                        for c, px in zip(chunks, chunk_pixels)
-                    ])
+                    ref_logp = torch.cat([logprobs(ref_model, c, px) for c, px in zip(chunks, chunk_pixels)])
         timings["logprobs"] += time.perf_counter() - t0
 
         # 4. clipped-objective updates, normalised over the whole step's batch across workers
         local_norm = float(mask.sum()) if stage.loss_aggregation == "token_mean" else float(B * G)
-        (global_norm,) = all_reduce_sum([local_norm], ctx.device)
+        with watch("collectives"):
+            (global_norm,) = all_reduce_sum([local_norm], ctx.device)
         scale = ctx.world_size * stage.grad_accum / max(global_norm, 1.0)
         stats = defaultdict(float)
         for _ in range(stage.num_iterations):
             t0 = time.perf_counter()
             for c, px in zip(chunks, chunk_pixels):
-                logp = token_logprobs(engine, input_ids[c], attention_mask[c], px)
+                logp = logprobs(engine, c, px)
                 out = grpo_loss_terms(
-                    logp, old_logp[c], None if ref_logp is None else ref_logp[c], advantages[c], mask[c],
+                    logp, logp.detach() if old_logp is None else old_logp[c],
+                    None if ref_logp is None else ref_logp[c], advantages[c], mask[c],
                     beta=stage.beta, kl_estimator=stage.kl_estimator, eps_low=stage.epsilon_low,
                     eps_high=stage.epsilon_high, aggregation=stage.loss_aggregation,
                 )
@@ -194,7 +221,8 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         for name, values in per_term.items():
             vals = [r for group in values[lo:hi] for r in group]
             local.append(float(np.sum(vals)))
-        g = all_reduce_sum(local, ctx.device)
+        with watch("collectives"):
+            g = all_reduce_sum(local, ctx.device)
         w = float(ctx.world_size)
         n = max(g[2], 1.0)
         mean = g[0] / n
@@ -210,7 +238,9 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         for k, name in enumerate(per_term):
             window[f"reward/{name}"].append(g[11 + k] / n)
         window["effective_batch_prompts"].append(float(len(g_targets)))
-        timings["step"] += time.perf_counter() - t_step
+        took = time.perf_counter() - t_step
+        timings["step"] += took
+        ctx.add_time("train", took)
 
         done = step + 1
         if done % ctx.cfg.tracking.log_every == 0 or done == stage.steps:
@@ -223,5 +253,6 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
             window.clear()
             timings.clear()
         if done % ctx.cfg.checkpoint.every_steps == 0 or done == stage.steps:
-            ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
+            with Stopwatch(ctx.timings)("checkpoint"):
+                ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
     return engine

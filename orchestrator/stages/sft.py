@@ -28,7 +28,7 @@ from orchestrator.data.collate import (
 from orchestrator.evaluate import format_answer
 from orchestrator.losses import sft_loss
 from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
-from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine
+from orchestrator.stages.common import StageContext, Stopwatch, accepts_logits_to_keep, all_reduce_sum, build_engine
 
 
 def loss_params(stage: SFTStage) -> dict:
@@ -54,15 +54,40 @@ def encode_rvtc_split(tokenizer, table, centres, prompt_text=lambda p: p) -> lis
     return [(chat_prompt_ids(tokenizer, prompt_text(p)), b) for p, b in zip(prompts, bins)]
 
 
+def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervised: bool = True):
+    """(logits [N, V], labels [N]) at the N positions that predict a supervised label, for right-padded
+    rows. With `keep_only_supervised` the LM head runs only from the first position any row supervises
+    (`logits_to_keep`): prompt positions before it never reach the vocabulary projection. Either way only
+    the supervised positions reach the loss; ignored positions add nothing to any loss's sum or count, so
+    the loss is the one computed from full logits (tests/test_stage_maths.py)."""
+    labels = batch["labels"][:, 1:]  # labels[:, t] is predicted by the logits at position t
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    start = 0
+    if keep_only_supervised:
+        rows_supervise = (labels != IGNORE_INDEX).any(0).nonzero()
+        start = int(rows_supervise[0]) if len(rows_supervise) else labels.shape[1]
+        inputs["logits_to_keep"] = labels.shape[1] + 1 - start  # positions start..T-1; T-1 predicts nothing
+    logits = model(**inputs).logits
+    logits = logits[:, -(labels.shape[1] + 1 - start) : -1, :]  # positions start..T-2
+    labels = labels[:, start:]
+    supervised = labels != IGNORE_INDEX
+    return logits[supervised].float(), labels[supervised]
+
+
 def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resume_dir: str | None = None):
     """Train `stage.steps` optimizer steps; returns the engine (its module carries on to the next stage)."""
     head = None
     if stage.loss == "rvtc":
         # Before the engine: the head's parameters join the optimizer and the checkpoint.
         head = attach_rvtc_head(ctx.model, stage.rvtc_bins, ctx.dataset.label_min, ctx.dataset.label_max)
-    engine = build_engine(ctx.model, stage, ctx.cfg)
+    watch = Stopwatch(ctx.timings)
+    with watch("deepspeed_init"):
+        engine = build_engine(ctx.model, stage, ctx.cfg)
     if resume_dir is not None:
-        engine.load_checkpoint(resume_dir, tag="ckpt", load_module_strict=True)
+        with watch("checkpoint_load"):
+            engine.load_checkpoint(resume_dir, tag="ckpt", load_module_strict=True)
+    keep_supervised = accepts_logits_to_keep(engine)
+    t_data = time.perf_counter()
     train = ctx.dataset.load("train")
     if head is None:
         examples = encode_split(ctx.tokenizer, train, ctx.prompt_text)
@@ -73,7 +98,9 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
     digit_ids = ctx.digit_token_ids.to(ctx.device)
     seed = ctx.cfg.seed + 1000 * ctx.stage_index
     every_ckpt = ctx.cfg.checkpoint.every_steps
+    ctx.add_time("data", time.perf_counter() - t_data)
     engine.train()
+    step_timings: dict[str, float] = {}
 
     def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
         idx = micro_batch_indices(
@@ -96,30 +123,33 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         else:
             local_tokens = sum(len(b["bins"]) for b in batches)
+        t_c = time.perf_counter()
         (global_tokens,) = all_reduce_sum([local_tokens], ctx.device)
+        step_timings["collectives"] = step_timings.get("collectives", 0.0) + time.perf_counter() - t_c
         # DeepSpeed averages gradients over workers and accumulation steps; undo that scaling.
         scale = ctx.world_size * stage.grad_accum / max(global_tokens, 1.0)
         step_loss = 0.0
         for batch in batches:
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
             if head is None:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = engine(**inputs).logits
-                shifted = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-                labels = batch["labels"][:, 1:].reshape(-1)
-                loss_sum, _ = sft_loss(stage.loss, shifted, labels, digit_ids, **params)
+                logits, labels = supervised_logits(engine, batch, keep_supervised)
+                loss_sum, _ = sft_loss(stage.loss, logits, labels, digit_ids, **params)
             else:
                 inputs = {k: v for k, v in batch.items() if k != "bins"}
                 loss_sum, _ = rvtc_loss(head_logits(engine, head, **inputs), batch["bins"])
             engine.backward(loss_sum * scale)
             engine.step()
             step_loss += float(loss_sum.detach())
+        t_c = time.perf_counter()
         (global_loss,) = all_reduce_sum([step_loss], ctx.device)
+        step_timings["collectives"] += time.perf_counter() - t_c
         window["loss"] += global_loss / max(global_tokens, 1.0)
         window["tokens"] += global_tokens
         window["samples"] += stage.micro_batch_size * stage.grad_accum * ctx.world_size
-        window["time"] += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        window["time"] += took
         window["steps"] += 1
+        ctx.add_time("train", took)
 
         done = step + 1
         if done % ctx.cfg.tracking.log_every == 0 or done == stage.steps:
@@ -129,9 +159,13 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
                 "train/tokens_per_s": window["tokens"] / window["time"],
                 "train/samples_per_s": window["samples"] / window["time"],
                 "train/stage": float(ctx.stage_index),
+                "time/step_s": window["time"] / window["steps"],
+                **{f"time/{k}_s": v / window["steps"] for k, v in step_timings.items()},
             }
             ctx.log(metrics, ctx.global_step_offset + done)
             window = {"loss": 0.0, "tokens": 0.0, "samples": 0.0, "time": 0.0, "steps": 0}
+            step_timings.clear()
         if done % every_ckpt == 0 or done == stage.steps:
-            ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
+            with watch("checkpoint"):
+                ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
     return engine

@@ -1,0 +1,165 @@
+"""The stages' fast paths compute the same losses and gradients as the straightforward ones.
+
+- SFT: the LM head run only from the first supervised position (`logits_to_keep`) and the loss fed only
+  the supervised positions, against full logits over every position (ce, softlabel, dist2).
+- GRPO: log-probs of completion positions only, against full-sequence log-probs; and, with one update
+  per rollout, the update's own detached log-probs as the old policy, against a separate no-grad forward.
+"""
+
+import pytest
+import torch
+
+from orchestrator.config import load_run_config
+from orchestrator.data.collate import collate_sft, encode_sft_example
+from orchestrator.evaluate import format_answer
+from orchestrator.grpo import grpo_loss_terms
+from orchestrator.losses import sft_loss
+from orchestrator.models import digit_token_ids, load_model_and_tokenizer
+from orchestrator.stages.common import accepts_logits_to_keep
+from orchestrator.stages.grpo import build_sequences, token_logprobs
+from orchestrator.stages.sft import supervised_logits
+
+PROMPTS = ["1939 | 71 min | Comedy", "2001 | 102 min | Drama, Romance", "87 | Short", "1968 | 149 min | Action"]
+TARGETS = [71.0, 100.0, 8.0, 45.0]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    cfg = load_run_config(overrides=["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "tiny")
+    return model.train(), tokenizer
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same(loss_a, grads_a, loss_b, grads_b):
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-7), name
+
+
+LOSSES = [
+    ("ce", {"digit_weight": 1.0}),
+    ("ce", {"digit_weight": 2.0}),
+    ("softlabel", {"psi": "triangular", "eta": 0.08, "lam": 2.0}),
+    ("softlabel", {"psi": "poisson", "eta": 0.02, "lam": 2.0}),
+    ("dist2", {"tau": 1.0, "alpha": 0.1, "place_value_weights": False}),
+    ("dist2", {"tau": 0.5, "alpha": 0.3, "place_value_weights": True}),
+]
+
+
+@pytest.mark.parametrize("name, params", LOSSES)
+@pytest.mark.parametrize("keep", [True, False])
+def test_sft_loss_on_supervised_positions_equals_full_logits(model_and_tokenizer, name, params, keep):
+    model, tok = model_and_tokenizer
+    assert accepts_logits_to_keep(model)
+    digits = digit_token_ids(tok)
+    batch = collate_sft(
+        [encode_sft_example(tok, p, format_answer(t)) for p, t in zip(PROMPTS, TARGETS)], tok.pad_token_id
+    )
+    # the straightforward path: full logits, every position, ignored ones masked inside the loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    full, n_full = sft_loss(name, logits[:, :-1, :].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                            digits, **params)
+    full.backward()
+    g_full = grads(model)
+
+    kept_logits, kept_labels = supervised_logits(model, batch, keep)
+    assert kept_logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
+    fast, n_fast = sft_loss(name, kept_logits, kept_labels, digits, **params)
+    fast.backward()
+    assert n_fast == n_full
+    assert_same(full, g_full, fast, grads(model))
+
+
+def test_supervised_logits_runs_the_head_only_where_needed(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batch = collate_sft(
+        [encode_sft_example(tok, p, format_answer(t)) for p, t in zip(PROMPTS, TARGETS)], tok.pad_token_id
+    )
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    try:
+        supervised_logits(model, batch, True)
+    finally:
+        hook.remove()
+    shortest_prompt = min(int((row != -100).nonzero()[0]) for row in batch["labels"])
+    assert seen == [batch["input_ids"].shape[1] - shortest_prompt + 1]  # not every position of the batch
+
+
+def rollout(tok, group_size=3):
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+    g = torch.Generator().manual_seed(0)
+    completions = []
+    for j in range(len(prompts) * group_size):  # completions of different lengths, some ending in EOS
+        n = 3 + j % 5
+        ids = torch.randint(10, 60, (n,), generator=g).tolist()
+        completions.append(ids + ([tok.eos_token_id] if j % 2 else []))
+    input_ids, attention_mask, mask = build_sequences(prompts, completions, group_size, tok.pad_token_id)
+    start = min(len(p) for p in prompts) - 1
+    advantages = torch.randn(len(completions), generator=g)
+    return input_ids, attention_mask, mask, start, advantages
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("keep", [True, False])
+def test_grpo_loss_on_completion_positions_equals_full_sequences(model_and_tokenizer, aggregation, keep):
+    model, tok = model_and_tokenizer
+    input_ids, attention_mask, mask, start, adv = rollout(tok)
+    assert start > 0
+    with torch.no_grad():
+        ref_full = token_logprobs(model, input_ids, attention_mask) + 0.05  # a reference that differs a little
+        old_full = token_logprobs(model, input_ids, attention_mask) - 0.02  # a ratio away from 1: clipping active
+    terms = dict(beta=0.04, kl_estimator="k3", eps_low=0.2, eps_high=0.2, aggregation=aggregation)
+
+    logp = token_logprobs(model, input_ids, attention_mask)
+    full = grpo_loss_terms(logp, old_full, ref_full, adv, mask, **terms)
+    full["loss_sum"].backward()
+    g_full = grads(model)
+
+    logp = token_logprobs(model, input_ids, attention_mask, start=start, keep=keep)
+    assert logp.shape == (input_ids.shape[0], input_ids.shape[1] - 1 - start)
+    fast = grpo_loss_terms(logp, old_full[:, start:], ref_full[:, start:], adv, mask[:, start:], **terms)
+    fast["loss_sum"].backward()
+    assert_same(full["loss_sum"], g_full, fast["loss_sum"], grads(model))
+    for key in ("normaliser", "kl_mean", "clip_fraction"):
+        assert torch.allclose(full[key], fast[key], atol=1e-6), key
+
+
+def test_one_update_per_rollout_uses_its_own_logprobs_as_the_old_policy(model_and_tokenizer):
+    """num_iterations = 1: the old policy is the current one, so a separate no-grad forward gives the same
+    numbers as the update's own log-probs, detached: same loss, same gradients, ratio 1, nothing clipped."""
+    model, tok = model_and_tokenizer
+    input_ids, attention_mask, mask, start, adv = rollout(tok)
+    terms = dict(beta=0.04, kl_estimator="k3", eps_low=0.2, eps_high=0.2, aggregation="token_mean")
+    with torch.no_grad():
+        old = token_logprobs(model, input_ids, attention_mask, start=start, keep=True)
+        ref = old + 0.05
+    logp = token_logprobs(model, input_ids, attention_mask, start=start, keep=True)
+    separate = grpo_loss_terms(logp, old, ref, adv, mask[:, start:], **terms)
+    separate["loss_sum"].backward()
+    g_separate = grads(model)
+
+    logp = token_logprobs(model, input_ids, attention_mask, start=start, keep=True)
+    detached = grpo_loss_terms(logp, logp.detach(), ref, adv, mask[:, start:], **terms)
+    detached["loss_sum"].backward()
+    assert_same(separate["loss_sum"], g_separate, detached["loss_sum"], grads(model))
+    assert float(detached["clip_fraction"]) == 0.0
+
+
+def test_token_logprobs_match_log_softmax(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    input_ids, attention_mask, _, start, _ = rollout(tok)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        expected = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(token_logprobs(model, input_ids, attention_mask), expected, atol=1e-5)
+        kept = token_logprobs(model, input_ids, attention_mask, start=start, keep=True)
+        assert torch.allclose(kept, expected[:, start:], atol=1e-5)
