@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/orchestrator sweep ablations/quick.yaml --resume
 
 test: setup
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 tests
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e" tests

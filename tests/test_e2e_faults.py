@@ -51,12 +51,16 @@ def kill_a_worker_at(run_dir: Path, step: int, killed: list) -> None:
     """Once Ray Train has registered the checkpoint of `step`, SIGKILL one of the run's worker processes.
     Waiting for the registration, not for the step's log line, keeps the test from racing the controller:
     a checkpoint reported by the workers but not yet registered is not one a restart can use."""
+    import ray
     from ray.util.state import list_actors
 
+    address = ray.get_runtime_context().gcs_address  # this test's cluster, not another one on the machine
     deadline = time.time() + 300
     while time.time() < deadline:
         if step in registered_checkpoint_steps(run_dir):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(
+                address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            )
             if workers:
                 pid = workers[-1]["pid"]
                 os.kill(pid, signal.SIGKILL)
