@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +100,25 @@ _QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s
 _MIN_ENV_SECRET = 8  # shorter values ("1", "true") would redact ordinary text
 
 
+def environment_snapshot(environ: Mapping[str, str] | None = None, attempts: int = 20) -> dict[str, str]:
+    """A copy of the environment (os.environ by default). Copying lists the names, then reads each;
+    another thread removing a variable in between (MLflow's telemetry drops _MLFLOW_TELEMETRY_SESSION_ID)
+    raises KeyError, so retry: the race is harmless, failing the run over it is not."""
+    environ = os.environ if environ is None else environ
+    for _ in range(attempts - 1):
+        try:
+            return dict(environ)
+        except KeyError:
+            continue
+    return {k: v for k in list(environ) if (v := environ.get(k)) is not None}
+
+
 def _env_secrets(environ=None) -> list[str]:
     """Values of secret-looking environment variables (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...), longest first.
     Variables naming where a secret lives (*_PATH, *_FILE, *_DIR) are not secrets themselves."""
-    environ = os.environ if environ is None else environ
     values = {
         value
-        for name, value in environ.items()
+        for name, value in environment_snapshot(environ).items()
         if SECRET_PATTERN.search(name)
         and not name.upper().endswith(("_PATH", "_FILE", "_DIR"))
         and len(value) >= _MIN_ENV_SECRET

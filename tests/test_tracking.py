@@ -1,6 +1,8 @@
 """The rank-0 logger when the tracking store goes away: nothing is lost, training never waits."""
 
 
+from collections.abc import Mapping
+
 import pytest
 from mlflow import MlflowClient
 
@@ -121,3 +123,39 @@ def test_processes_opening_a_new_store_together_do_not_race(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(errors)[-3000:]
     assert MlflowClient(uri).get_experiment_by_name("exp") is not None
+
+
+class VanishingEnviron(Mapping):
+    """Like os.environ, copied by listing the names and then reading each; another thread deletes
+    `vanishing` between the two during the first copy."""
+
+    def __init__(self, data: dict, vanishing: str):
+        self.data, self.vanishing, self.copies = dict(data), vanishing, 0
+
+    def __iter__(self):
+        self.copies += 1
+        names = list(self.data)
+        if self.copies == 1:
+            self.data.pop(self.vanishing)
+        return iter(names)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, name):
+        return self.data[name]
+
+
+def test_redaction_survives_a_variable_removed_mid_copy():
+    """MLflow's telemetry thread removes _MLFLOW_TELEMETRY_SESSION_ID while a sweep cell logs its params:
+    the redaction's copy of the environment retries instead of failing the cell with a KeyError."""
+    from orchestrator.tracking import environment_snapshot, redact_secrets
+
+    with pytest.raises(KeyError):  # the race itself, as a plain copy meets it
+        dict(VanishingEnviron({"A": "1", "B": "2"}, vanishing="B"))
+    env = {"HF_TOKEN": "hf_abcdefgh12345", "_MLFLOW_TELEMETRY_SESSION_ID": "x"}
+    assert environment_snapshot(VanishingEnviron(env, vanishing="_MLFLOW_TELEMETRY_SESSION_ID")) == {
+        "HF_TOKEN": "hf_abcdefgh12345"
+    }
+    racing = VanishingEnviron(env, vanishing="_MLFLOW_TELEMETRY_SESSION_ID")
+    assert redact_secrets("token hf_abcdefgh12345 in a param", racing) == "token *** in a param"
