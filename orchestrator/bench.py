@@ -510,8 +510,7 @@ def _trl_subprocess(kind: str, spec: dict[str, Any], out_dir: Path, threads: int
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true"}
     cmd = [sys.executable, "-m", "orchestrator.bench", "_trl", kind, str(spec_path), str(result_path)]
-    # Ray starts its workers at niceness RAY_worker_niceness (15): TRL runs at the same priority, so other
-    # work on the machine slows both sides alike.
+    # TRL runs at the niceness of the project's Ray workers, so other work on the machine slows both alike.
     target = int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS))
 
     def same_priority():
@@ -605,6 +604,7 @@ def trl_sft(spec: dict[str, Any]) -> dict[str, Any]:
     rates["processed_tokens_per_s"] = sum(processed[s["sft_warmup"] :]) / measured
     rates["supervised_tokens"] = float(sum(supervised[s["sft_warmup"] :]))
     rates["best_window_samples_per_s"] = best_window_rate(timer.times, s["sft_micro_batch"] * s["workers"], s["sft_warmup"], s["sft_warmup"])
+    rates["step_times"] = timer.times
     rates["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rates["threads"] = torch.get_num_threads()
     return rates
@@ -664,6 +664,7 @@ def trl_grpo(spec: dict[str, Any]) -> dict[str, Any]:
     length = sum(timed_lengths) / len(timed_lengths) if timed_lengths else float("nan")
     rates = step_rates(timer.times, B * G * world, None, w)
     rates["best_window_samples_per_s"] = best_window_rate(timer.times, B * G * world, w, w)
+    rates["step_times"] = timer.times
     rates["tokens_per_s"] = rates["samples_per_s"] * length
     rates["completion_length"] = length
     rates["threads"] = torch.get_num_threads()
@@ -694,6 +695,10 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     experiment = "bench"
+    # Ray starts its workers at niceness 15 by default; on a machine shared with other work that starves
+    # both sides. The bench runs the project's workers, and TRL, at normal priority (RAY_worker_niceness
+    # is Ray's own setting; an explicit value in the environment is kept and used for TRL as well).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     s = settings
     sft_cfg = project_config(s, "sft", f"bench-sft-{stamp}", experiment)
     grpo_cfg = project_config(s, "grpo", f"bench-grpo-{stamp}", experiment)
@@ -795,7 +800,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
             f"Not identical: GRPO completions are sampled (mean length: project {p_grpo['completion_length']:.1f}, "
             f"TRL {t_grpo['completion_length']:.1f} tokens); TRL's SFT step also computes entropy and token accuracy "
             f"for its logs; data collation is inside the project's timed step and outside TRL's. TRL runs at the "
-            f"niceness of Ray's workers ({RAY_WORKER_NICENESS})."
+            f"niceness of the project's Ray workers ({os.environ.get('RAY_worker_niceness', RAY_WORKER_NICENESS)})."
         ],
     }
     return result
