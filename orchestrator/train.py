@@ -176,19 +176,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
     timings["eval"] = time.perf_counter() - t0
+    if resume_dir:
+        shutil.rmtree(resume_dir, ignore_errors=True)
     if logger is not None:
         t0 = time.perf_counter()
         logger.log_metrics(metrics, offset)
         log_predictions(logger, predictions, dataset)
-        logger.close(cfg.tracking.flush_timeout_s)  # everything queued reaches the store, or the run fails loudly
         timings["tracking"] += time.perf_counter() - t0
-    if resume_dir:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    timings["worker_total"] = time.time() - entered
-    # Rank 0's last report is what fit() returns: the driver logs these timings (the logger is closed).
-    report = {f"time/{k}_s": v for k, v in timings.items()}
-    report["time/worker_end_at"] = time.time()
-    ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}, **report})
+        # The run's phases on rank 0's clock. Logged here, not reported: fit() returns only the metrics
+        # of the latest checkpoint. The driver dates the workers' end by this metric's timestamp.
+        timings["worker_total"] = time.time() - entered
+        logger.log_metrics({f"time/{k}_s": v for k, v in timings.items()}, offset)
+        logger.close(cfg.tracking.flush_timeout_s)  # everything queued reaches the store, or the run fails loudly
+    ray.train.report({"done": 1.0, **{k: v for k, v in metrics.items() if k.endswith("/mae")}})
 
 
 def log_predictions(logger: RunLogger, predictions: dict, dataset) -> None:
@@ -490,7 +490,7 @@ def run_training(
                 failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
-        result = trainer.fit()
+        trainer.fit()
         fit_ended_at = time.time()
     except BaseException as exc:
         storage = resolve_storage(cfg.storage_path)
@@ -501,28 +501,29 @@ def run_training(
             raise failure from exc
         raise
     driver["fit"] = fit_ended_at - fit_started_at
-    log_run_timings(uri, run_id, cfg, driver, dict(getattr(result, "metrics", None) or {}), fit_ended_at, t_run)
+    log_run_timings(uri, run_id, cfg, driver, fit_ended_at, t_run)
     finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s)
     metrics = tracking_client(uri).get_run(run_id).data.metrics
     return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)
 
 
-def log_run_timings(uri: str, run_id: str, cfg: RunConfig, driver: dict[str, float], reported: dict[str, Any],
-                    fit_ended_at: float, t_run: float) -> None:
-    """The run's phases as time/<phase>_s metrics: the workers' (rank 0's last report) and the driver's own.
-    teardown = from the workers' last report to fit() returning (Ray Train's shutdown of its worker group
-    and helper actors). Timing is diagnostics: a tracking hiccup here must not fail a finished run."""
+def log_run_timings(uri: str, run_id: str, cfg: RunConfig, driver: dict[str, float], fit_ended_at: float,
+                    t_run: float) -> None:
+    """The driver's phases as time/driver_<phase>_s, and time/teardown_s: from rank 0 logging its own
+    phases (time/worker_total_s, dated by MLflow) to fit() returning, i.e. Ray Train shutting down its
+    worker group and helper actors. Timing is diagnostics: a tracking hiccup here must not fail a run."""
     from mlflow.entities import Metric
 
-    times = {k: float(v) for k, v in reported.items() if k.startswith("time/") and k != "time/worker_end_at"}
-    if "time/worker_end_at" in reported:
-        times["time/teardown_s"] = fit_ended_at - float(reported["time/worker_end_at"])
-    times.update({f"time/driver_{k}_s": v for k, v in driver.items()})
+    times = {f"time/driver_{k}_s": v for k, v in driver.items()}
     times["time/driver_total_s"] = time.perf_counter() - t_run
     step = sum(s.steps for s in cfg.pipeline)
     now = int(time.time() * 1000)
     try:
-        tracking_client(uri).log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in times.items()])
+        client = tracking_client(uri)
+        worker_end = client.get_metric_history(run_id, "time/worker_total_s")
+        if worker_end:
+            times["time/teardown_s"] = max(0.0, fit_ended_at - worker_end[-1].timestamp / 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in times.items()])
     except Exception as exc:  # noqa: BLE001
         print(f"warning: run timings not logged: {type(exc).__name__}: {exc}", file=sys.stderr)
 

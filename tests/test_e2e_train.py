@@ -82,6 +82,15 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     checkpoints = sorted(p for p in (tmp_path / "results" / "sft").glob("checkpoint_*") if p.is_dir())
     assert checkpoints, "no checkpoint written"
     assert any(p.name.startswith("zero_pp_rank_1") for p in checkpoints[-1].rglob("*"))  # both ranks' shards
+    # the run's wall time split into phases (what `orchestrator bench --grid` reads)
+    t = {k[len("time/"):-len("_s")]: v for k, v in run.data.metrics.items() if k.startswith("time/") and k.endswith("_s")}
+    for phase in ("worker_start", "model_load", "deepspeed_init", "train", "checkpoint", "eval", "tracking",
+                  "worker_total", "teardown", "driver_prepare", "driver_fit", "driver_total"):
+        assert phase in t and t[phase] >= 0, phase
+    assert t["train"] > 0 and t["eval"] > 0
+    inside = t["model_load"] + t["deepspeed_init"] + t["train"] + t["checkpoint"] + t["eval"]
+    assert inside <= t["worker_total"] <= t["driver_fit"] <= t["driver_total"]
+    assert t["worker_start"] + t["worker_total"] + t["teardown"] == pytest.approx(t["driver_fit"], abs=2.0)
 
 
 def test_restarted_run_resumes_from_checkpoint(tmp_path, ray_cluster):
