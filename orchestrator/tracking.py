@@ -195,11 +195,15 @@ def start_or_resume_run(cfg: RunConfig, parent_run_id: str | None = None, extra_
     tags.update(extra_tags or {})
     run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
     run_id = run.info.run_id
-    params = loggable_params(cfg)
-    items = list(params.items())
-    for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 90]])
-    client.log_text(run_id, redacted_config_json(cfg), "config/resolved.json")
+    try:
+        items = list(loggable_params(cfg).items())
+        for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 90]])
+        client.log_text(run_id, redacted_config_json(cfg), "config/resolved.json")
+    except Exception as exc:  # never leave a run RUNNING that nothing will finish
+        client.set_tag(run_id, "orchestrator.error", redact_secrets(f"{type(exc).__name__}: {exc}")[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        raise
     return run_id
 
 

@@ -159,3 +159,23 @@ def test_redaction_survives_a_variable_removed_mid_copy():
     }
     racing = VanishingEnviron(env, vanishing="_MLFLOW_TELEMETRY_SESSION_ID")
     assert redact_secrets("token hf_abcdefgh12345 in a param", racing) == "token *** in a param"
+
+
+def test_a_run_whose_params_cannot_be_logged_is_marked_failed(tmp_path, monkeypatch):
+    """The run exists before its params are logged: if logging them fails, the run is FAILED with the
+    error as a tag, never left RUNNING."""
+    import orchestrator.tracking as tracking
+    from orchestrator.config import load_run_config
+
+    cfg = load_run_config(overrides=["name=broken", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+
+    def fail(_cfg):
+        raise RuntimeError("params exploded")
+
+    monkeypatch.setattr(tracking, "loggable_params", fail)
+    with pytest.raises(RuntimeError, match="params exploded"):
+        tracking.start_or_resume_run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["orchestrator.error"] == "RuntimeError: params exploded"
