@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from orchestrator.config import ModelConfig
-from orchestrator.data.collate import IGNORE_INDEX, encode_sft_example, micro_batch_indices, stream_indices
+from orchestrator.data.collate import (
+    IGNORE_INDEX,
+    collate_sft,
+    encode_sft_example,
+    micro_batch_indices,
+    step_indices,
+    stream_indices,
+    supervised_counts,
+)
 from orchestrator.generation import decode_completions, generate, truncate_at_eos
 from orchestrator.models import ModelError, build_digit_tokenizer, digit_token_ids, load_model_and_tokenizer, resolve_source
 
@@ -58,6 +66,27 @@ def test_sample_stream_is_resumable_and_disjoint():
     a = micro_batch_indices(100, 0, step=3, micro_step=1, grad_accum=2, rank=0, world=2, micro_batch=4)
     b = micro_batch_indices(100, 0, step=3, micro_step=1, grad_accum=2, rank=1, world=2, micro_batch=4)
     assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_global_supervised_count_needs_no_communication():
+    """The SFT normaliser: counted from the sample order alone, it equals the sum over every rank's
+    collated micro-batches (what an all-reduce of per-worker counts would give)."""
+    tok = build_digit_tokenizer()
+    examples = [encode_sft_example(tok, "p" * (i % 7 + 1), "<answer>" + "9" * (i % 4 + 1) + "</answer>") for i in range(23)]
+    counts = supervised_counts(examples)
+    assert counts[0] == len("<answer>9</answer>") + 1  # the answer and its end-of-turn token
+    for step in range(5):
+        everyone = step_indices(23, seed=3, step=step, grad_accum=2, world=3, micro_batch=4)
+        by_rank = 0
+        for rank in range(3):
+            for k in range(2):
+                idx = micro_batch_indices(23, 3, step, k, 2, rank, 3, 4)
+                labels = collate_sft([examples[i] for i in idx], tok.pad_token_id)["labels"]
+                by_rank += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        assert sorted(everyone.tolist()) == sorted(
+            i for r in range(3) for k in range(2) for i in micro_batch_indices(23, 3, step, k, 2, r, 3, 4).tolist()
+        )
+        assert int(counts[everyone].sum()) == by_rank
 
 
 def test_packaged_smollm2_generates():

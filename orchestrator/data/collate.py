@@ -86,3 +86,16 @@ def micro_batch_indices(
     """This worker's sample indices for one micro-batch of one optimizer step (disjoint across ranks)."""
     start = ((step * grad_accum + micro_step) * world + rank) * micro_batch
     return stream_indices(n, seed, start, micro_batch)
+
+
+def step_indices(n: int, seed: int, step: int, grad_accum: int, world: int, micro_batch: int) -> np.ndarray:
+    """Every worker's sample indices for one optimizer step: the union of all ranks' micro-batches.
+    Any worker can compute it, so global counts over the step need no communication."""
+    per_step = grad_accum * world * micro_batch
+    return stream_indices(n, seed, step * per_step, per_step)
+
+
+def supervised_counts(examples: Sequence[tuple[list[int], list[int]]]) -> np.ndarray:
+    """Per encoded SFT example, how many labels the loss sees (as counted in a collated batch:
+    position 0 predicts nothing)."""
+    return np.array([sum(1 for t in labels[1:] if t != IGNORE_INDEX) for _, labels in examples], dtype=np.int64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from orchestrator.config import SFTStage
@@ -24,6 +25,8 @@ from orchestrator.data.collate import (
     collate_sft,
     encode_sft_example,
     micro_batch_indices,
+    step_indices,
+    supervised_counts,
 )
 from orchestrator.evaluate import format_answer
 from orchestrator.losses import sft_loss
@@ -100,7 +103,6 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
     every_ckpt = ctx.cfg.checkpoint.every_steps
     ctx.add_time("data", time.perf_counter() - t_data)
     engine.train()
-    step_timings: dict[str, float] = {}
 
     def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
         idx = micro_batch_indices(
@@ -113,19 +115,17 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
             batch.update(pixels.inputs_for(batch["input_ids"]))
         return batch
 
-    window = {"loss": 0.0, "tokens": 0.0, "samples": 0.0, "time": 0.0, "steps": 0}
+    # The loss is a mean over the whole global batch, not per micro-batch. Its normaliser, the step's
+    # supervised-token count over ALL workers (one target per sample for rvtc), follows from the sample
+    # order, which every worker knows: no collective is needed before backward.
+    counts = supervised_counts(examples) if head is None else np.ones(len(examples), dtype=np.int64)
+    window = {"loss_sums": [], "tokens": [], "time": 0.0}
+    step_timings: dict[str, float] = {}
     for step in range(start_step, stage.steps):
         t0 = time.perf_counter()
         batches = [micro_batch(step, k) for k in range(stage.grad_accum)]
-        # Mean over the whole global batch, not per micro-batch: every worker needs the total count of
-        # supervised tokens (one target per sample for rvtc).
-        if head is None:
-            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        else:
-            local_tokens = sum(len(b["bins"]) for b in batches)
-        t_c = time.perf_counter()
-        (global_tokens,) = all_reduce_sum([local_tokens], ctx.device)
-        step_timings["collectives"] = step_timings.get("collectives", 0.0) + time.perf_counter() - t_c
+        everyone = step_indices(len(examples), seed, step, stage.grad_accum, ctx.world_size, stage.micro_batch_size)
+        global_tokens = float(counts[everyone].sum())
         # DeepSpeed averages gradients over workers and accumulation steps; undo that scaling.
         scale = ctx.world_size * stage.grad_accum / max(global_tokens, 1.0)
         step_loss = 0.0
@@ -140,30 +140,34 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
             engine.backward(loss_sum * scale)
             engine.step()
             step_loss += float(loss_sum.detach())
-        t_c = time.perf_counter()
-        (global_loss,) = all_reduce_sum([step_loss], ctx.device)
-        step_timings["collectives"] += time.perf_counter() - t_c
-        window["loss"] += global_loss / max(global_tokens, 1.0)
-        window["tokens"] += global_tokens
-        window["samples"] += stage.micro_batch_size * stage.grad_accum * ctx.world_size
-        took = time.perf_counter() - t0
-        window["time"] += took
-        window["steps"] += 1
-        ctx.add_time("train", took)
+        window["loss_sums"].append(step_loss)
+        window["tokens"].append(global_tokens)
 
         done = step + 1
-        if done % ctx.cfg.tracking.log_every == 0 or done == stage.steps:
+        log_now = done % ctx.cfg.tracking.log_every == 0 or done == stage.steps
+        if log_now:
+            # One collective per logging window, not per step: every worker's loss sum of every step.
+            t_c = time.perf_counter()
+            global_losses = all_reduce_sum(window["loss_sums"], ctx.device)
+            step_timings["collectives"] = time.perf_counter() - t_c
+        took = time.perf_counter() - t0
+        window["time"] += took
+        ctx.add_time("train", took)
+
+        if log_now:
+            steps = len(window["tokens"])
+            samples = steps * stage.micro_batch_size * stage.grad_accum * ctx.world_size
             metrics = {
-                "train/loss": window["loss"] / window["steps"],
+                "train/loss": sum(g / max(t, 1.0) for g, t in zip(global_losses, window["tokens"])) / steps,
                 "train/lr": engine.get_lr()[0],
-                "train/tokens_per_s": window["tokens"] / window["time"],
-                "train/samples_per_s": window["samples"] / window["time"],
+                "train/tokens_per_s": sum(window["tokens"]) / window["time"],
+                "train/samples_per_s": samples / window["time"],
                 "train/stage": float(ctx.stage_index),
-                "time/step_s": window["time"] / window["steps"],
-                **{f"time/{k}_s": v / window["steps"] for k, v in step_timings.items()},
+                "time/step_s": window["time"] / steps,
+                **{f"time/{k}_s": v / steps for k, v in step_timings.items()},
             }
             ctx.log(metrics, ctx.global_step_offset + done)
-            window = {"loss": 0.0, "tokens": 0.0, "samples": 0.0, "time": 0.0, "steps": 0}
+            window = {"loss_sums": [], "tokens": [], "time": 0.0}
             step_timings.clear()
         if done % every_ckpt == 0 or done == stage.steps:
             with watch("checkpoint"):
