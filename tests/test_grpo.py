@@ -91,3 +91,19 @@ def test_token_mean_gradient_is_the_same_whole_or_split():
         part = grpo_loss_terms(naive[rows], old[rows], ref[rows], adv[rows], mask[rows], **kw)
         (part["loss_sum"] / part["normaliser"] / 3).backward()
     assert not torch.allclose(whole.grad, naive.grad, atol=1e-4)  # the per-micro-batch mean differs
+
+
+def test_step_statistics_from_two_workers_sums_by_hand():
+    from orchestrator.stages.grpo import step_statistics
+
+    # worker A rewards [1, 3], worker B rewards [2, 6]: sum 12, sum of squares 50, n 4 -> mean 3,
+    # population std sqrt(50/4 - 9) = sqrt(3.5); per-worker means (advantage std 0.8 and 1.2) average to 1.0.
+    summed = [12.0, 50.0, 4.0, 2.0, 0.02, 0.1, 1.0, 30.0, 4.0, 8.0, 0.5, 2.0]
+    stats = step_statistics(summed, world_size=2, term_names=["ccc"])
+    assert stats["reward/mean"] == 3.0
+    assert stats["reward/std"] == pytest.approx(math.sqrt(3.5))
+    assert stats["advantage/std"] == 1.0 and stats["kl"] == 0.01 and stats["clip_fraction"] == 0.05
+    assert stats["parse_fail_rate"] == 0.25 and stats["completion_length"] == 15.0
+    assert stats["pred_std_over_label_std"] == 0.5 and stats["loss"] == 0.5 and stats["reward/ccc"] == 0.5
+    summed[9] = 0.0  # constant targets: the spread ratio is undefined, not infinite
+    assert math.isnan(step_statistics(summed, 2, ["ccc"])["pred_std_over_label_std"])

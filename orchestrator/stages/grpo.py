@@ -71,6 +71,28 @@ def build_sequences(prompt_ids: list[list[int]], completions: list[list[int]], g
     return input_ids, attention_mask, mask
 
 
+def step_statistics(g: list[float], world_size: int, term_names: list[str]) -> dict[str, float]:
+    """One step's logged statistics from the workers' summed vector (laid out as in run_grpo_stage):
+    sums over samples become means, per-worker means become the mean over workers."""
+    w = float(world_size)
+    n = max(g[2], 1.0)
+    mean = g[0] / n
+    stats = {
+        "reward/mean": mean,
+        "reward/std": float(np.sqrt(max(g[1] / n - mean**2, 0.0))),
+        "advantage/std": g[3] / w,
+        "kl": g[4] / w,
+        "clip_fraction": g[5] / w,
+        "parse_fail_rate": g[6] / n,
+        "completion_length": g[7] / w,
+        "pred_std_over_label_std": (g[8] / g[9]) if g[9] > 0 else float("nan"),
+        "loss": g[10],
+    }
+    for k, name in enumerate(term_names):
+        stats[f"reward/{name}"] = g[11 + k] / n
+    return stats
+
+
 def global_rollout(parsed: list[list[float | None]], targets: list[float], texts, columns):
     """All workers' minibatches in rank order, and where this worker's slice sits in it."""
     parts = all_gather_objects((parsed, targets, texts, columns))
@@ -110,7 +132,8 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
     terms = [(t.name, t.weight) for t in stage.rewards]
     tok = ctx.tokenizer
     timings: dict[str, float] = defaultdict(float)
-    window: dict[str, list[float]] = defaultdict(list)
+    window_local: list[list[float]] = []  # per step: this worker's sums, reduced once per log window
+    window_prompts: list[float] = []
     watch = Stopwatch(timings)
 
     for step in range(start_step, stage.steps):
@@ -221,36 +244,31 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         for name, values in per_term.items():
             vals = [r for group in values[lo:hi] for r in group]
             local.append(float(np.sum(vals)))
-        with watch("collectives"):
-            g = all_reduce_sum(local, ctx.device)
-        w = float(ctx.world_size)
-        n = max(g[2], 1.0)
-        mean = g[0] / n
-        window["reward/mean"].append(mean)
-        window["reward/std"].append(float(np.sqrt(max(g[1] / n - mean**2, 0.0))))
-        window["advantage/std"].append(g[3] / w)
-        window["kl"].append(g[4] / w)
-        window["clip_fraction"].append(g[5] / w)
-        window["parse_fail_rate"].append(g[6] / n)
-        window["completion_length"].append(g[7] / w)
-        window["pred_std_over_label_std"].append((g[8] / g[9]) if g[9] > 0 else float("nan"))
-        window["loss"].append(g[10])
-        for k, name in enumerate(per_term):
-            window[f"reward/{name}"].append(g[11 + k] / n)
-        window["effective_batch_prompts"].append(float(len(g_targets)))
+        window_local.append(local)
+        window_prompts.append(float(len(g_targets)))
+
+        done = step + 1
+        log_now = done % ctx.cfg.tracking.log_every == 0 or done == stage.steps
+        if log_now:
+            # One collective per logging window, not per step: every step's statistics from every worker.
+            with watch("collectives"):
+                summed = all_reduce_sum([v for row in window_local for v in row], ctx.device)
+            width = len(window_local[0])
+            per_step = [step_statistics(summed[i : i + width], ctx.world_size, list(per_term)) for i in range(0, len(summed), width)]
         took = time.perf_counter() - t_step
         timings["step"] += took
         ctx.add_time("train", took)
 
-        done = step + 1
-        if done % ctx.cfg.tracking.log_every == 0 or done == stage.steps:
-            metrics = {f"train/{k}": float(np.nanmean(v)) for k, v in window.items()}
-            steps_in_window = len(window["loss"])
+        if log_now:
+            metrics = {f"train/{k}": float(np.nanmean([row[k] for row in per_step])) for k in per_step[0]}
+            metrics["train/effective_batch_prompts"] = float(np.mean(window_prompts))
+            steps_in_window = len(per_step)
             metrics.update({f"time/{k}_s": v / steps_in_window for k, v in timings.items()})
             metrics["train/lr"] = engine.get_lr()[0]
             metrics["train/stage"] = float(ctx.stage_index)
             ctx.log(metrics, ctx.global_step_offset + done)
-            window.clear()
+            window_local.clear()
+            window_prompts.clear()
             timings.clear()
         if done % ctx.cfg.checkpoint.every_steps == 0 or done == stage.steps:
             with Stopwatch(ctx.timings)("checkpoint"):
