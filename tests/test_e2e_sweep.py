@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -42,6 +43,32 @@ def sweep(tmp_path, *args, wait=True):
     return proc
 
 
+def processes_started_for(home) -> list[psutil.Process]:
+    """Every live process of a sweep run with ORCHESTRATOR_HOME=home: the driver and what it started,
+    Ray's worker processes included (they inherit the environment but not the process group)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("ORCHESTRATOR_HOME") == str(home) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def kill_sweep(proc, home) -> None:
+    """SIGKILL the driver's process group, then wait until no process of that sweep is left: a Ray
+    worker outliving the driver by a second could still mark its cell FINISHED."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while (left := processes_started_for(home)) and time.time() < deadline:
+        time.sleep(0.5)
+    for p in left:
+        p.kill()
+    psutil.wait_procs(left, timeout=30)
+
+
 def cell_runs(client):
     exp = client.get_experiment_by_name("e2e-grid")
     return [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.cell" in r.data.tags]
@@ -61,8 +88,7 @@ def test_grid_killed_then_resumed_runs_each_cell_once_and_tables_match_mlflow(tm
             if any(r.info.status == "FINISHED" for r in cell_runs(client)):
                 break
         time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_sweep(proc, tmp_path)
     before = {r.data.tags["orchestrator.cell"]: r for r in cell_runs(client)}
     finished_before = {n: r for n, r in before.items() if r.info.status == "FINISHED"}
     assert finished_before and len(finished_before) < 4
