@@ -101,7 +101,7 @@ def cmd_data(args) -> int:
 def cmd_ui(args) -> int:
     from orchestrator.tracking import default_tracking_uri, ensure_store
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = default_tracking_uri()
     ensure_store(uri)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"serving {uri} on http://{args.host}:{args.port}")
@@ -157,7 +157,7 @@ def cmd_resend(args) -> int:
 
 def cmd_bench(args) -> int:
     from orchestrator.bench import (
-        BenchError, check_trl, grid_overhead, load_grid, render_grid, render_markdown, run_bench, settings_for,
+        BenchError, check_trl, grid_overhead, load_grid, render_grid, run_bench, settings_for,
         write_readme, write_result,
     )
     from orchestrator.config import resolve_path
@@ -168,7 +168,7 @@ def cmd_bench(args) -> int:
         if args.grid:
             from orchestrator.tracking import default_tracking_uri
 
-            wall, cells = load_grid(args.grid, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(), args.experiment)
+            wall, cells = load_grid(args.grid, args.tracking_uri or default_tracking_uri(), args.experiment)
             print(render_grid(args.grid, grid_overhead(wall, cells)))
             return 0
         if args.mode is None and args.write_readme:  # only regenerate the README section from the last result

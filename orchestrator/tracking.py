@@ -7,6 +7,7 @@ Metric names: ``train/...`` per step, ``{split}/{region}/{metric}`` at the end (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -171,6 +172,25 @@ def loggable_params(cfg: RunConfig) -> dict[str, str]:
         params[key] = text[:6000]
     params["pipeline"] = redact_secrets(cfg.pipeline_label())
     return params
+
+
+class Stopwatch:
+    """Seconds per phase, summed: `with watch("phase"):` adds the block's wall time to timings[phase],
+    `watch.add(phase, s)` a duration measured elsewhere. Runs log them as time/<phase>_s."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
 
 
 def start_or_resume_run(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:

@@ -26,6 +26,7 @@ from orchestrator.evaluate import format_answer
 from orchestrator.models import add_lora_adapters, digit_token_ids, load_model_and_tokenizer, load_tokenizer, resolve_source
 from orchestrator.tracking import (
     RunLogger,
+    Stopwatch,
     check_tracking_store,
     finish_run,
     resolve_tracking_uri,
@@ -76,7 +77,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from orchestrator.stages.evaluation import evaluate_model
 
     entered = time.time()
-    timings: dict[str, float] = {}  # run phases on rank 0's clock; the driver logs them as time/<phase>_s
+    timings: dict[str, float] = {}  # run phases on rank 0's clock, logged as time/<phase>_s at the end
+    watch = Stopwatch(timings)
     if loop_config.get("fit_started_at"):  # Ray Train's controller and worker-group start, process spawn, imports
         timings["worker_start"] = entered - float(loop_config["fit_started_at"])
     cfg = RunConfig.model_validate(loop_config["config"])
@@ -91,11 +93,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
-    model.to(device)
-    dataset = load_built(loop_config["dataset_path"])
-    processor = load_image_processor(cfg.model, tokenizer, loop_config["model_source"])
+    with watch("model_load"):
+        model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
+        model.to(device)
+        dataset = load_built(loop_config["dataset_path"])
+        processor = load_image_processor(cfg.model, tokenizer, loop_config["model_source"])
     if dataset.has_images and processor is None:
         # A text-only model would silently answer without seeing the images.
         raise ConfigError(
@@ -104,18 +106,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     if not dataset.has_images:
         processor = None  # a VLM on a text dataset runs the text path
-    timings["model_load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool_dir"]) if rank == 0 else None
-    timings["tracking"] = time.perf_counter() - t0
+    with watch("tracking"):
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool_dir"]) if rank == 0 else None
 
     def log(metrics: dict[str, float], step: int) -> None:
         if logger is not None:
             logger.log_metrics(metrics, step)
 
-    t0 = time.perf_counter()
-    start_stage, start_step, resume_dir = _restore_point()
-    timings["restore"] = time.perf_counter() - t0
+    with watch("restore"):
+        start_stage, start_step, resume_dir = _restore_point()
     if logger is not None and resume_dir is not None:
         logger.set_tag("orchestrator.resumed_from", f"stage {start_stage} step {start_step}")
 
@@ -125,9 +124,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if index < start_stage:
             continue
         if engine is not None:  # the previous stage's weights, full and merged, start this one
-            t0 = time.perf_counter()
-            model = handoff_module(engine).to(device)
-            timings["handoff"] = timings.get("handoff", 0.0) + time.perf_counter() - t0
+            with watch("handoff"):
+                model = handoff_module(engine).to(device)
 
         extra: dict[str, Any] = {}
 
@@ -173,16 +171,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rank=rank, world_size=world, device=device, stage_index=len(cfg.pipeline), global_step_offset=offset,
         log=log, checkpoint=lambda *a: None, processor=processor, timings=timings,
     )
-    t0 = time.perf_counter()
-    metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
-    timings["eval"] = time.perf_counter() - t0
+    with watch("eval"):
+        metrics, predictions = evaluate_model(ctx, engine if engine is not None else model)
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
     if logger is not None:
-        t0 = time.perf_counter()
-        logger.log_metrics(metrics, offset)
-        log_predictions(logger, predictions, dataset)
-        timings["tracking"] += time.perf_counter() - t0
+        with watch("tracking"):
+            logger.log_metrics(metrics, offset)
+            log_predictions(logger, predictions, dataset)
         # The run's phases on rank 0's clock. Logged here, not reported: fit() returns only the metrics
         # of the latest checkpoint. The driver dates the workers' end by this metric's timestamp.
         timings["worker_total"] = time.time() - entered
@@ -454,17 +450,15 @@ def run_training(
 
     t_run = time.perf_counter()
     driver: dict[str, float] = {}
-    t0 = time.perf_counter()
-    prepared = prepared or prepare_run(cfg)
-    driver["prepare"] = time.perf_counter() - t0
+    watch = Stopwatch(driver)
+    with watch("prepare"):
+        prepared = prepared or prepare_run(cfg)
     built, model_source, uri = prepared.dataset, prepared.model_source, prepared.tracking_uri
-    t0 = time.perf_counter()
-    run_id = start_or_resume_run(cfg, parent_run_id, extra_tags)
-    driver["tracking_setup"] = time.perf_counter() - t0
+    with watch("tracking_setup"):
+        run_id = start_or_resume_run(cfg, parent_run_id, extra_tags)
     try:
-        t0 = time.perf_counter()
-        init_ray()
-        driver["ray_init"] = time.perf_counter() - t0
+        with watch("ray_init"):
+            init_ray()
         configure_ray_train()
         fit_started_at = time.time()
         trainer = TorchTrainer(

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import inspect
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import DeepSpeedConfig, RunConfig
+from orchestrator.tracking import Stopwatch
 
 REFERENCE_FILE = "reference.safetensors"  # GRPO's frozen start-of-stage policy, inside a checkpoint
 
@@ -42,8 +42,9 @@ class StageContext:
     # them as time/<phase>_s at the end of the run.
     timings: dict[str, float] = field(default_factory=dict)
 
-    def add_time(self, phase: str, seconds: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+    @property
+    def stopwatch(self) -> Stopwatch:
+        return Stopwatch(self.timings)
 
     def prompt_text(self, prompt: str) -> str:
         """The user turn: the prompt, after the image placeholders when rows carry images."""
@@ -150,21 +151,6 @@ def accepts_logits_to_keep(engine_or_model) -> bool:
         return "logits_to_keep" in inspect.signature(base_model(engine_or_model).forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-class Stopwatch:
-    """`with watch("phase"):` adds the block's wall time to timings[phase]."""
-
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

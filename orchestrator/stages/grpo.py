@@ -29,11 +29,11 @@ from orchestrator.evaluate import parse_answer
 from orchestrator.generation import decode_completions, generate
 from orchestrator.grpo import group_advantages, grpo_loss_terms
 from orchestrator.rewards import RewardContext, compute_rewards
+from orchestrator.tracking import Stopwatch
 from orchestrator.stages.common import (
     REFERENCE_FILE,
     ReferencePolicy,
     StageContext,
-    Stopwatch,
     accepts_logits_to_keep,
     all_gather_objects,
     all_reduce_sum,
@@ -109,12 +109,12 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         lora = ctx.cfg.model.lora.enabled
         saved = Path(resume_dir or "", REFERENCE_FILE)
         weights = load_file(str(saved)) if resume_dir is not None and not lora else None
-        with Stopwatch(ctx.timings)("deepspeed_init"):  # a copy, and a DeepSpeed engine under ZeRO-3
+        with ctx.stopwatch("deepspeed_init"):  # a copy, and a DeepSpeed engine under ZeRO-3
             reference = ReferencePolicy(ctx.model, ctx.cfg, stage, lora, weights)
-    with Stopwatch(ctx.timings)("deepspeed_init"):
+    with ctx.stopwatch("deepspeed_init"):
         engine = build_engine(ctx.model, stage, ctx.cfg)
     if resume_dir is not None:
-        with Stopwatch(ctx.timings)("checkpoint_load"):
+        with ctx.stopwatch("checkpoint_load"):
             engine.load_checkpoint(resume_dir, tag="ckpt")
     ctx.extra["reference"] = reference
     keep = accepts_logits_to_keep(engine)
@@ -257,7 +257,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
             per_step = [step_statistics(summed[i : i + width], ctx.world_size, list(per_term)) for i in range(0, len(summed), width)]
         took = time.perf_counter() - t_step
         timings["step"] += took
-        ctx.add_time("train", took)
+        ctx.stopwatch.add("train", took)
 
         if log_now:
             metrics = {f"train/{k}": float(np.nanmean([row[k] for row in per_step])) for k in per_step[0]}
@@ -271,6 +271,6 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
             window_prompts.clear()
             timings.clear()
         if done % ctx.cfg.checkpoint.every_steps == 0 or done == stage.steps:
-            with Stopwatch(ctx.timings)("checkpoint"):
+            with ctx.stopwatch("checkpoint"):
                 ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
     return engine

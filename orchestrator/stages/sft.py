@@ -31,7 +31,8 @@ from orchestrator.data.collate import (
 from orchestrator.evaluate import format_answer
 from orchestrator.losses import sft_loss
 from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
-from orchestrator.stages.common import StageContext, Stopwatch, accepts_logits_to_keep, all_reduce_sum, build_engine
+from orchestrator.stages.common import StageContext, accepts_logits_to_keep, all_reduce_sum, build_engine
+from orchestrator.tracking import Stopwatch
 
 
 def loss_params(stage: SFTStage) -> dict:
@@ -83,26 +84,27 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
     if stage.loss == "rvtc":
         # Before the engine: the head's parameters join the optimizer and the checkpoint.
         head = attach_rvtc_head(ctx.model, stage.rvtc_bins, ctx.dataset.label_min, ctx.dataset.label_max)
-    watch = Stopwatch(ctx.timings)
+    watch = ctx.stopwatch
     with watch("deepspeed_init"):
         engine = build_engine(ctx.model, stage, ctx.cfg)
     if resume_dir is not None:
         with watch("checkpoint_load"):
             engine.load_checkpoint(resume_dir, tag="ckpt", load_module_strict=True)
     keep_supervised = accepts_logits_to_keep(engine)
-    t_data = time.perf_counter()
-    train = ctx.dataset.load("train")
-    if head is None:
-        examples = encode_split(ctx.tokenizer, train, ctx.prompt_text)
-    else:
-        examples = encode_rvtc_split(ctx.tokenizer, train, head.centres(), ctx.prompt_text)
-    images = ctx.image_column(train)
+    with watch("data"):
+        train = ctx.dataset.load("train")
+        if head is None:
+            examples = encode_split(ctx.tokenizer, train, ctx.prompt_text)
+        else:
+            examples = encode_rvtc_split(ctx.tokenizer, train, head.centres(), ctx.prompt_text)
+        images = ctx.image_column(train)
     params = loss_params(stage)
     digit_ids = ctx.digit_token_ids.to(ctx.device)
     seed = ctx.cfg.seed + 1000 * ctx.stage_index
     every_ckpt = ctx.cfg.checkpoint.every_steps
-    ctx.add_time("data", time.perf_counter() - t_data)
     engine.train()
+    step_timings: dict[str, float] = {}  # per logging window
+    step_watch = Stopwatch(step_timings)
 
     def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
         idx = micro_batch_indices(
@@ -120,7 +122,6 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
     # order, which every worker knows: no collective is needed before backward.
     counts = supervised_counts(examples) if head is None else np.ones(len(examples), dtype=np.int64)
     window = {"loss_sums": [], "tokens": [], "time": 0.0}
-    step_timings: dict[str, float] = {}
     for step in range(start_step, stage.steps):
         t0 = time.perf_counter()
         batches = [micro_batch(step, k) for k in range(stage.grad_accum)]
@@ -147,12 +148,11 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
         log_now = done % ctx.cfg.tracking.log_every == 0 or done == stage.steps
         if log_now:
             # One collective per logging window, not per step: every worker's loss sum of every step.
-            t_c = time.perf_counter()
-            global_losses = all_reduce_sum(window["loss_sums"], ctx.device)
-            step_timings["collectives"] = time.perf_counter() - t_c
+            with step_watch("collectives"):
+                global_losses = all_reduce_sum(window["loss_sums"], ctx.device)
         took = time.perf_counter() - t0
         window["time"] += took
-        ctx.add_time("train", took)
+        watch.add("train", took)
 
         if log_now:
             steps = len(window["tokens"])
