@@ -107,6 +107,23 @@ def settings_for(mode: str, workers: int | None = None, cpus: int | None = None)
     )
 
 
+def same_global_batch(settings: BenchSettings, workers: int, cpus: int | None = None) -> BenchSettings:
+    """`settings` on `workers` workers sharing the CPUs, each with a larger share of the same global
+    batch: SFT samples and GRPO prompts per optimizer step stay what they were."""
+    cpus = cpus or os.cpu_count() or 1
+    if workers < 1 or workers > cpus:
+        raise BenchError(f"workers must be between 1 and the {cpus} CPUs, got {workers}")
+    sft_global = settings.sft_micro_batch * settings.workers
+    grpo_global = settings.grpo_prompts * settings.workers
+    if sft_global % workers or grpo_global % workers:
+        raise BenchError(f"a global batch of {sft_global} SFT samples and {grpo_global} GRPO prompts does not split "
+                         f"evenly over {workers} workers")
+    return dataclasses.replace(
+        settings, workers=workers, cpus_per_worker=max(1.0, float(cpus // workers)),
+        sft_micro_batch=sft_global // workers, grpo_prompts=grpo_global // workers,
+    )
+
+
 def check_trl() -> None:
     """TRL (the pinned version) must be importable before any compute starts."""
     if importlib.util.find_spec("trl") is None:
@@ -342,6 +359,37 @@ def render_grid(name: str, g: dict[str, Any]) -> str:
             + ", ".join(f"time/{p}_s" for p in which)
             + " (logged by train.log_run_timings in newer runs); the compute sum covers what was logged"
         )
+    return "\n".join(lines) + "\n"
+
+
+def render_scaling(result: dict[str, Any]) -> str:
+    """Markdown: step time of the same global batch on 1 worker (all CPUs) and on N single-CPU workers."""
+    rows = result["runs"]
+    one, many = rows[0], rows[-1]
+    lines = [
+        f"Measured by `orchestrator bench --scaling --{result['mode']}` on {result['when']} ({result['machine']}); "
+        f"model: {result['model']}. Same global batch on every row (SFT {result['sft_global']} samples, GRPO "
+        f"{result['grpo_global']} prompts × {result['grpo_group']} samples per optimizer step); the project only "
+        f"(Ray Train + DeepSpeed ZeRO-{result['zero_stage']}). Ratio = step time with {many['workers']} workers / "
+        f"with 1 (at most 1: the second worker does not slow a step).",
+        "",
+        "| workers × CPUs | SFT s/step | SFT samples/s | GRPO s/step | GRPO samples/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['workers']} × {r['cpus_per_worker']:g} | {_num(r['sft_step_s'], 3)} | {_num(r['sft_samples_per_s'])} "
+                     f"| {_num(r['grpo_step_s'], 3)} | {_num(r['grpo_samples_per_s'])} |")
+    lines.append(f"| **ratio {many['workers']}/1** | **{_num(ratio(many['sft_step_s'], one['sft_step_s']), 2)}** | "
+                 f"| **{_num(ratio(many['grpo_step_s'], one['grpo_step_s']), 2)}** | |")
+    phases = [ph for ph in GRPO_PHASES if all(ph in r["grpo_phases"] for r in rows)]
+    if phases:
+        lines += ["", "GRPO step, per phase (s/step):", "",
+                  "| workers | " + " | ".join(ph.replace("_", " ") for ph in phases) + " |",
+                  "|---|" + "---:|" * len(phases)]
+        for r in rows:
+            lines.append(f"| {r['workers']} | " + " | ".join(_num(r["grpo_phases"][ph], 4) for ph in phases) + " |")
+    if result.get("notes"):
+        lines += [""] + result["notes"]
     return "\n".join(lines) + "\n"
 
 
@@ -805,21 +853,71 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
     return result
 
 
-def write_result(result: dict[str, Any], out_dir: Path) -> tuple[Path, str]:
-    text = render_markdown(result)
+def run_scaling(settings: BenchSettings, log=print) -> dict[str, Any]:
+    """The project's SFT and GRPO steps at one global batch: 1 worker with every CPU, then
+    `settings.workers` workers with one share each."""
+    import torch
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    loads = {"start": os.getloadavg()[0]}
+    runs = []
+    for workers in sorted({1, settings.workers}):
+        s = same_global_batch(settings, workers)
+        log(f"[bench] project, {workers} worker(s) x {s.cpus_per_worker:g} CPU: SFT micro-batch {s.sft_micro_batch}, "
+            f"GRPO B={s.grpo_prompts}")
+        sft = project_sft(s, f"bench-scaling-sft-{workers}w-{stamp}", "bench")
+        grpo = project_grpo(s, f"bench-scaling-grpo-{workers}w-{stamp}", "bench")
+        loads[f"after {workers} worker(s)"] = os.getloadavg()[0]
+        runs.append({
+            "workers": workers, "cpus_per_worker": s.cpus_per_worker,
+            "sft_step_s": sft["seconds"] / (s.sft_steps - s.sft_warmup), "sft_samples_per_s": sft["samples_per_s"],
+            "grpo_step_s": grpo["step_s"], "grpo_samples_per_s": grpo["samples_per_s"], "grpo_phases": grpo["phases"],
+        })
+    cfg = project_config(settings, "sft", "bench-scaling", "bench")
+    model = cfg.model.source if cfg.model.source != "tiny" else f"tiny random-init {cfg.model.tiny.architecture}"
+    load_text = ", ".join(f"{k} {v:.1f}" for k, v in loads.items())
+    return {
+        "mode": settings.mode, "when": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
+        "model": f"{model}, `{cfg.data.name}` data", "torch_version": torch.__version__,
+        "zero_stage": cfg.deepspeed.zero_stage, "sft_global": settings.sft_micro_batch * settings.workers,
+        "grpo_global": settings.grpo_prompts * settings.workers, "grpo_group": settings.grpo_group, "runs": runs,
+        "notes": [f"1-minute load average: {load_text} ({os.cpu_count()} CPUs)."],
+    }
+
+
+# The README's Performance section, in this order, from whichever of these results exist.
+README_PARTS = (
+    ("quick.md", "Against TRL, quick mode (`orchestrator bench --quick`)"),
+    ("full.md", "Against TRL, full mode (`orchestrator bench --full`)"),
+    ("scaling-full.md", "1 worker against 2 at the same global batch, SmolLM2-135M (`orchestrator bench --scaling --full`)"),
+    ("scaling-quick.md", "1 worker against 2 at the same global batch, tiny model (`orchestrator bench --scaling --quick`)"),
+)
+
+
+def write_result(result: dict[str, Any], out_dir: Path, kind: str = "") -> tuple[Path, str]:
+    """Markdown and JSON of one bench result: timestamped, as latest.*, and as <kind><mode>.md (the
+    file the README section takes for it)."""
+    text = (render_scaling if kind == "scaling-" else render_markdown)(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"{stamp}.md").write_text(text)
     (out_dir / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "latest.md").write_text(text)
     (out_dir / "latest.json").write_text(json.dumps(result, indent=2, default=str))
-    return out_dir / "latest.md", text
+    (out_dir / f"{kind}{result['mode']}.md").write_text(text)
+    return out_dir / f"{kind}{result['mode']}.md", text
 
 
-def write_readme(readme: Path, latest: Path) -> None:
-    if not latest.is_file():
-        raise BenchError(f"no bench result at {latest}; run `orchestrator bench --quick` first")
-    readme.write_text(replace_readme_section(readme.read_text(), latest.read_text()))
+def readme_body(out_dir: Path) -> str:
+    parts = [(out_dir / name, title) for name, title in README_PARTS if (out_dir / name).is_file()]
+    if not parts:
+        raise BenchError(f"no bench result in {out_dir}; run `orchestrator bench --quick` first")
+    return "\n".join(f"#### {title}\n\n{path.read_text()}" for path, title in parts)
+
+
+def write_readme(readme: Path, out_dir: Path) -> None:
+    readme.write_text(replace_readme_section(readme.read_text(), readme_body(out_dir)))
 
 
 # --------------------------------------------------------------------------- grid overhead

@@ -157,7 +157,7 @@ def cmd_resend(args) -> int:
 
 def cmd_bench(args) -> int:
     from orchestrator.bench import (
-        BenchError, check_trl, grid_overhead, load_grid, render_grid, run_bench, settings_for,
+        BenchError, check_trl, grid_overhead, load_grid, render_grid, run_bench, run_scaling, settings_for,
         write_readme, write_result,
     )
     from orchestrator.config import resolve_path
@@ -171,20 +171,29 @@ def cmd_bench(args) -> int:
             wall, cells = load_grid(args.grid, args.tracking_uri or default_tracking_uri(), args.experiment)
             print(render_grid(args.grid, grid_overhead(wall, cells)))
             return 0
-        if args.mode is None and args.write_readme:  # only regenerate the README section from the last result
-            write_readme(readme, out_dir / "latest.md")
-            print(f"README section rewritten from {out_dir / 'latest.md'}")
+        if args.mode is None and args.write_readme and not args.scaling:  # only regenerate the README section
+            write_readme(readme, out_dir)
+            print(f"README section rewritten from the results in {out_dir}")
             return 0
         settings = settings_for(args.mode or "quick", workers=args.workers)
-        check_trl()
-        result = run_bench(settings, out_dir, log=lambda m: print(m, flush=True))
-        latest, text = write_result(result, out_dir)
+
+        def log(message: str) -> None:
+            print(message, flush=True)
+
+        if args.scaling:
+            if settings.workers < 2:
+                raise BenchError("--scaling compares 1 worker with several; give --workers 2 or more (default 2)")
+            result, kind = run_scaling(settings, log=log), "scaling-"
+        else:
+            check_trl()
+            result, kind = run_bench(settings, out_dir, log=log), ""
+        written, text = write_result(result, out_dir, kind)
         print()
         print(text)
-        print(f"written to {latest} (and a timestamped copy beside it)")
+        print(f"written to {written} (and a timestamped copy beside it)")
         if args.write_readme:
-            write_readme(readme, latest)
-            print(f"README section rewritten from {latest}")
+            write_readme(readme, out_dir)
+            print(f"README section rewritten from the results in {out_dir}")
         return 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -243,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--mode", dest="mode", help="quick or full")
     p.add_argument("--workers", type=int, default=None,
                    help="project side: Ray Train workers sharing the CPUs (default 2, each 1 CPU; 1: one worker, all CPUs)")
-    p.add_argument("--write-readme", action="store_true", help="replace the README's Performance section with results/bench/latest.md")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead of TRL: the project's step time at one global batch on 1 worker and on --workers workers")
+    p.add_argument("--write-readme", action="store_true",
+                   help="replace the README's Performance section with the results in results/bench (quick, full, scaling)")
     p.add_argument("--grid", metavar="SWEEP", help="instead: wall time vs compute and the overhead split of a finished sweep")
     p.add_argument("--experiment", metavar="NAME", help="with --grid: the sweep's MLflow experiment (default: search all)")
     p.add_argument("--tracking-uri", metavar="URI", help="with --grid: default $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")

@@ -227,3 +227,52 @@ def test_trl_side_imports_when_installed():
     pytest.importorskip("trl")
     bench.check_trl()
     assert callable(bench.trl_sft) and callable(bench.trl_grpo)
+
+
+def test_same_global_batch_moves_the_batch_onto_fewer_workers():
+    s = bench.settings_for("quick", cpus=2)  # 2 workers x 1 CPU, SFT 16 and GRPO 8 prompts per worker
+    one = bench.same_global_batch(s, 1, cpus=2)
+    assert (one.workers, one.cpus_per_worker, one.sft_micro_batch, one.grpo_prompts) == (1, 2.0, 32, 16)
+    assert one.sft_steps == s.sft_steps and one.grpo_group == s.grpo_group
+    assert bench.same_global_batch(s, 2, cpus=2) == s
+    with pytest.raises(BenchError, match="does not split evenly over 3 workers"):
+        bench.same_global_batch(s, 3, cpus=4)
+    with pytest.raises(BenchError, match="between 1 and the 2 CPUs"):
+        bench.same_global_batch(s, 4, cpus=2)
+
+
+def scaling_run(workers: int, sft_step_s: float, grpo_step_s: float) -> dict:
+    return {"workers": workers, "cpus_per_worker": 2.0 / workers, "sft_step_s": sft_step_s, "sft_samples_per_s": 8 / sft_step_s,
+            "grpo_step_s": grpo_step_s, "grpo_samples_per_s": 32 / grpo_step_s,
+            "grpo_phases": {"generation": grpo_step_s / 2, "forward_backward": grpo_step_s / 4}}
+
+
+def scaling_result():
+    return {"mode": "full", "when": "2026-11-23 08:00", "machine": "2 CPUs", "model": "smollm2-135m, `movies` data",
+            "zero_stage": 2, "sft_global": 8, "grpo_global": 8, "grpo_group": 4,
+            "runs": [scaling_run(1, 4.0, 10.0), scaling_run(2, 3.0, 12.5)], "notes": ["load fine"]}
+
+
+def test_render_scaling_rows_and_ratios():
+    text = bench.render_scaling(scaling_result())
+    assert "| 1 × 2 | 4.000 | 2.0 | 10.000 | 3.2 |" in text
+    assert "| 2 × 1 | 3.000 | 2.7 | 12.500 | 2.6 |" in text
+    assert "| **ratio 2/1** | **0.75** | | **1.25** | |" in text  # SFT faster on 2 workers, GRPO slower
+    assert "| 1 | 5.0000 | 2.5000 |" in text and text.rstrip().endswith("load fine")
+
+
+def test_readme_body_takes_every_result_in_order(tmp_path):
+    with pytest.raises(BenchError, match="no bench result"):
+        bench.readme_body(tmp_path)
+    bench.write_result(scaling_result(), tmp_path, "scaling-")
+    (tmp_path / "quick.md").write_text("QUICK\n")
+    body = bench.readme_body(tmp_path)
+    assert body.index("QUICK") < body.index("**ratio 2/1**")
+    assert "#### Against TRL, quick mode" in body and "full mode (`orchestrator bench --full`)" not in body
+    assert (tmp_path / "latest.md").read_text() == (tmp_path / "scaling-full.md").read_text()
+
+
+def test_cli_scaling_needs_two_workers(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_scaling", lambda *a, **k: pytest.fail("compute started"))
+    assert main(["bench", "--scaling", "--workers", "1"]) == 2
+    assert "--scaling compares 1 worker with several" in capsys.readouterr().err
