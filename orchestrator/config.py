@@ -349,6 +349,10 @@ class SFTStage(_StageBase):
     rvtc_bins: int = Field(
         51, ge=2, description="K for `rvtc`: bins with evenly spaced centres over the training label range."
     )
+    length_groups: int = Field(
+        1, ge=1, description="Split each micro-batch into up to this many sub-batches of similar length, each "
+        "padded only to its own longest row: the same rows and loss, less padding to compute.",
+    )
 
     def resolved_eta(self) -> float:
         defaults = {"triangular": 0.08, "binomial": 0.05, "poisson": 0.02, "uniform": 0.05}

@@ -2,6 +2,7 @@
 
 - SFT: the LM head run only from the first supervised position (`logits_to_keep`) and the loss fed only
   the supervised positions, against full logits over every position (ce, softlabel, dist2).
+- SFT: a micro-batch split into sub-batches of similar length (less padding), against one padded batch.
 - GRPO: log-probs of completion positions only, against full-sequence log-probs; and, with one update
   per rollout, the update's own detached log-probs as the old policy, against a separate no-grad forward.
 """
@@ -17,7 +18,7 @@ from orchestrator.losses import sft_loss
 from orchestrator.models import digit_token_ids, load_model_and_tokenizer
 from orchestrator.stages.common import accepts_logits_to_keep
 from orchestrator.stages.grpo import build_sequences, token_logprobs
-from orchestrator.stages.sft import supervised_logits
+from orchestrator.stages.sft import length_groups, micro_batch_loss, supervised_logits
 
 PROMPTS = ["1939 | 71 min | Comedy", "2001 | 102 min | Drama, Romance", "87 | Short", "1968 | 149 min | Action"]
 TARGETS = [71.0, 100.0, 8.0, 45.0]
@@ -163,3 +164,28 @@ def test_token_logprobs_match_log_softmax(model_and_tokenizer):
         assert torch.allclose(token_logprobs(model, input_ids, attention_mask), expected, atol=1e-5)
         kept = token_logprobs(model, input_ids, attention_mask, start=start, keep=True)
         assert torch.allclose(kept, expected[:, start:], atol=1e-5)
+
+
+def test_length_groups_by_hand():
+    assert [g.tolist() for g in length_groups([5, 9, 2, 7, 3], 2)] == [[2, 4, 0], [3, 1]]
+    assert [g.tolist() for g in length_groups([5, 9, 2], 1)] == [[0, 1, 2]]  # one group keeps the order
+    assert [g.tolist() for g in length_groups([5, 9], 4)] == [[0], [1]]  # never an empty group
+
+
+@pytest.mark.parametrize("name, params", LOSSES[::2])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_sft_sub_batches_of_similar_length_give_the_same_loss_and_gradients(model_and_tokenizer, name, params, groups):
+    model, tok = model_and_tokenizer
+    digits = digit_token_ids(tok)
+    examples = [encode_sft_example(tok, p, format_answer(t)) for p, t in zip(PROMPTS, TARGETS)]
+
+    def parts(k):
+        return [collate_sft([examples[i] for i in g], tok.pad_token_id) for g in length_groups([len(e[0]) for e in examples], k)]
+
+    assert sum(p["input_ids"].numel() for p in parts(groups)) < parts(1)[0]["input_ids"].numel()  # less padding
+    whole = micro_batch_loss(model, parts(1), name, params, digits)
+    whole.backward()
+    g_whole = grads(model)
+    split = micro_batch_loss(model, parts(groups), name, params, digits)
+    split.backward()
+    assert_same(whole, g_whole, split, grads(model))

@@ -78,6 +78,32 @@ def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervise
     return logits[supervised].float(), labels[supervised]
 
 
+def length_groups(lengths, groups: int) -> list[np.ndarray]:
+    """Positions of a micro-batch's rows in at most `groups` runs of similar length (sorted by length,
+    near-equal counts), so each run is padded only to its own longest row. The rows and the loss sum
+    stay the same; only padding goes."""
+    if groups <= 1:
+        return [np.arange(len(lengths))]
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [run for run in np.array_split(order, min(groups, len(order))) if len(run)]
+
+
+def micro_batch_loss(model, parts, loss: str, params: dict, digit_ids, head=None, keep_supervised=True, device=None):
+    """The summed loss of one micro-batch given as padded sub-batches: one backward follows, whatever
+    the number of parts (DeepSpeed reduces gradients once per micro-batch)."""
+    total = torch.zeros((), device=device)
+    for batch in parts:
+        batch = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+        if head is None:
+            logits, labels = supervised_logits(model, batch, keep_supervised)
+            part, _ = sft_loss(loss, logits, labels, digit_ids, **params)
+        else:
+            inputs = {k: v for k, v in batch.items() if k != "bins"}
+            part, _ = rvtc_loss(head_logits(model, head, **inputs), batch["bins"])
+        total = total + part
+    return total
+
+
 def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resume_dir: str | None = None):
     """Train `stage.steps` optimizer steps; returns the engine (its module carries on to the next stage)."""
     head = None
@@ -106,16 +132,21 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
     step_timings: dict[str, float] = {}  # per logging window
     step_watch = Stopwatch(step_timings)
 
-    def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
+    def micro_batch(step: int, k: int) -> list[dict[str, torch.Tensor]]:
+        """This worker's k-th micro-batch of the step, as `length_groups` padded sub-batches."""
         idx = micro_batch_indices(
             len(examples), seed, step, k, stage.grad_accum, ctx.rank, ctx.world_size, stage.micro_batch_size
         )
         collate = collate_sft if head is None else collate_rvtc
-        batch = collate([examples[i] for i in idx], ctx.tokenizer.pad_token_id)
-        pixels = ctx.image_batch(images, idx)
-        if pixels is not None:
-            batch.update(pixels.inputs_for(batch["input_ids"]))
-        return batch
+        parts = []
+        for group in length_groups([len(examples[i][0]) for i in idx], stage.length_groups):
+            rows = idx[group]
+            batch = collate([examples[i] for i in rows], ctx.tokenizer.pad_token_id)
+            pixels = ctx.image_batch(images, rows)
+            if pixels is not None:
+                batch.update(pixels.inputs_for(batch["input_ids"]))
+            parts.append(batch)
+        return parts
 
     # The loss is a mean over the whole global batch, not per micro-batch. Its normaliser, the step's
     # supervised-token count over ALL workers (one target per sample for rvtc), follows from the sample
@@ -130,14 +161,8 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
         # DeepSpeed averages gradients over workers and accumulation steps; undo that scaling.
         scale = ctx.world_size * stage.grad_accum / max(global_tokens, 1.0)
         step_loss = 0.0
-        for batch in batches:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            if head is None:
-                logits, labels = supervised_logits(engine, batch, keep_supervised)
-                loss_sum, _ = sft_loss(stage.loss, logits, labels, digit_ids, **params)
-            else:
-                inputs = {k: v for k, v in batch.items() if k != "bins"}
-                loss_sum, _ = rvtc_loss(head_logits(engine, head, **inputs), batch["bins"])
+        for parts in batches:
+            loss_sum = micro_batch_loss(engine, parts, stage.loss, params, digit_ids, head, keep_supervised, ctx.device)
             engine.backward(loss_sum * scale)
             engine.step()
             step_loss += float(loss_sum.detach())
