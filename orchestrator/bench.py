@@ -74,37 +74,51 @@ class BenchSettings:
     grpo_lr: float
     workers: int = 1
     cpus_per_worker: float = 2.0
+    zero_stage: int = 2  # the project's DeepSpeed ZeRO stage (zero_stage_for)
 
     @property
     def threads(self) -> int:
         return max(1, int(self.workers * self.cpus_per_worker))
 
 
+# Project workers per mode when --workers is not given (at most the CPUs), as measured on 2 CPUs: the
+# tiny model runs faster as 2 single-threaded workers than as 1 worker with 2 threads (best-window SFT
+# 338 vs 204 samples/s, GRPO 180 vs 122: it gains little from a second thread); SmolLM2-135M runs SFT
+# faster on 1 worker (`orchestrator bench --scaling --full`: 2 workers' steps took 1.16x as long, the
+# 540 MB gradient exchange over gloo costing more than the second core gains).
+DEFAULT_WORKERS = {"quick": 2, "full": 1}
+
+
+def zero_stage_for(workers: int) -> int:
+    """ZeRO-2 across several workers; on one there is nothing to partition, and ZeRO-0 skips the
+    flat-buffer gradient and parameter copies (SmolLM2-135M SFT step 5.8 s vs 7.2 s, measured)."""
+    return 0 if workers == 1 else 2
+
+
 def settings_for(mode: str, workers: int | None = None, cpus: int | None = None) -> BenchSettings:
-    """The bench's fixed work per mode. The project side defaults to one single-threaded Ray Train worker
-    per CPU (2 × 1 on a 2-core machine): measured faster here than 1 worker × 2 threads for both stages
-    (best-window SFT 338 vs 204 samples/s, GRPO 180 vs 122), as the tiny model gains little from a
-    second thread. TRL then accumulates one micro-batch per worker, so a step is the same work."""
+    """The bench's fixed work per mode: the global batch of an optimizer step is the same whatever the
+    number of project workers (`--workers` changes each worker's share); TRL accumulates one
+    micro-batch per project worker, so a step is the same work on both sides."""
     if mode not in MODES:
         raise BenchError(f"unknown bench mode {mode!r}; allowed: {', '.join(MODES)}")
     cpus = cpus or os.cpu_count() or 1
-    workers = min(2, cpus) if workers is None else workers
-    if workers < 1 or workers > cpus:
-        raise BenchError(f"--workers must be between 1 and the {cpus} CPUs, got {workers}")
-    common = dict(workers=workers, cpus_per_worker=max(1.0, float(cpus // workers)), grpo_temperature=1.0, grpo_beta=0.04)
+    # Per-worker shares of the global batch on 2 workers; same_global_batch moves them to `workers`.
+    common = dict(workers=2, cpus_per_worker=1.0, grpo_temperature=1.0, grpo_beta=0.04)
     if mode == "quick":
-        return BenchSettings(
+        base = BenchSettings(
             mode=mode, base="ablations/runs/cpu.yaml", overrides=(),
             sft_steps=110, sft_warmup=10, sft_micro_batch=16, sft_lr=3e-3,
             grpo_steps=22, grpo_warmup=2, grpo_prompts=8, grpo_group=4, grpo_max_new_tokens=24, grpo_lr=1e-4,
             **common,
         )
-    return BenchSettings(
-        mode=mode, base="ablations/runs/cpu.yaml", overrides=("model.source=smollm2-135m", "data.prompt_style=full"),
-        sft_steps=12, sft_warmup=2, sft_micro_batch=4, sft_lr=5e-5,
-        grpo_steps=6, grpo_warmup=1, grpo_prompts=4, grpo_group=4, grpo_max_new_tokens=16, grpo_lr=1e-6,
-        **common,
-    )
+    else:
+        base = BenchSettings(
+            mode=mode, base="ablations/runs/cpu.yaml", overrides=("model.source=smollm2-135m", "data.prompt_style=full"),
+            sft_steps=12, sft_warmup=2, sft_micro_batch=4, sft_lr=5e-5,
+            grpo_steps=6, grpo_warmup=1, grpo_prompts=4, grpo_group=4, grpo_max_new_tokens=16, grpo_lr=1e-6,
+            **common,
+        )
+    return same_global_batch(base, min(DEFAULT_WORKERS[mode], cpus) if workers is None else workers, cpus)
 
 
 def same_global_batch(settings: BenchSettings, workers: int, cpus: int | None = None) -> BenchSettings:
@@ -112,7 +126,7 @@ def same_global_batch(settings: BenchSettings, workers: int, cpus: int | None = 
     batch: SFT samples and GRPO prompts per optimizer step stay what they were."""
     cpus = cpus or os.cpu_count() or 1
     if workers < 1 or workers > cpus:
-        raise BenchError(f"workers must be between 1 and the {cpus} CPUs, got {workers}")
+        raise BenchError(f"--workers must be between 1 and the {cpus} CPUs, got {workers}")
     sft_global = settings.sft_micro_batch * settings.workers
     grpo_global = settings.grpo_prompts * settings.workers
     if sft_global % workers or grpo_global % workers:
@@ -120,7 +134,7 @@ def same_global_batch(settings: BenchSettings, workers: int, cpus: int | None = 
                          f"evenly over {workers} workers")
     return dataclasses.replace(
         settings, workers=workers, cpus_per_worker=max(1.0, float(cpus // workers)),
-        sft_micro_batch=sft_global // workers, grpo_prompts=grpo_global // workers,
+        sft_micro_batch=sft_global // workers, grpo_prompts=grpo_global // workers, zero_stage=zero_stage_for(workers),
     )
 
 
@@ -370,14 +384,15 @@ def render_scaling(result: dict[str, Any]) -> str:
         f"Measured by `orchestrator bench --scaling --{result['mode']}` on {result['when']} ({result['machine']}); "
         f"model: {result['model']}. Same global batch on every row (SFT {result['sft_global']} samples, GRPO "
         f"{result['grpo_global']} prompts × {result['grpo_group']} samples per optimizer step); the project only "
-        f"(Ray Train + DeepSpeed ZeRO-{result['zero_stage']}). Ratio = step time with {many['workers']} workers / "
-        f"with 1 (at most 1: the second worker does not slow a step).",
+        f"(Ray Train + DeepSpeed). Ratio = step time with {many['workers']} workers / with 1 (at most 1: the "
+        f"second worker does not slow a step).",
         "",
-        "| workers × CPUs | SFT s/step | SFT samples/s | GRPO s/step | GRPO samples/s |",
+        "| workers × CPUs, ZeRO stage | SFT s/step | SFT samples/s | GRPO s/step | GRPO samples/s |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['workers']} × {r['cpus_per_worker']:g} | {_num(r['sft_step_s'], 3)} | {_num(r['sft_samples_per_s'])} "
+        zero = r.get("zero_stage", result.get("zero_stage"))
+        lines.append(f"| {r['workers']} × {r['cpus_per_worker']:g}, ZeRO-{zero} | {_num(r['sft_step_s'], 3)} | {_num(r['sft_samples_per_s'])} "
                      f"| {_num(r['grpo_step_s'], 3)} | {_num(r['grpo_samples_per_s'])} |")
     lines.append(f"| **ratio {many['workers']}/1** | **{_num(ratio(many['sft_step_s'], one['sft_step_s']), 2)}** | "
                  f"| **{_num(ratio(many['grpo_step_s'], one['grpo_step_s']), 2)}** | |")
@@ -434,6 +449,7 @@ def project_config(settings: BenchSettings, kind: str, name: str, experiment: st
         f"tracking.experiment={experiment}",
         f"scaling.num_workers={s.workers}",
         f"scaling.cpus_per_worker={s.cpus_per_worker}",
+        f"deepspeed.zero_stage={s.zero_stage}",
         "deepspeed.precision=fp32",
         "eval.splits=[val]",
         "eval.max_samples=8",
@@ -870,7 +886,7 @@ def run_scaling(settings: BenchSettings, log=print) -> dict[str, Any]:
         grpo = project_grpo(s, f"bench-scaling-grpo-{workers}w-{stamp}", "bench")
         loads[f"after {workers} worker(s)"] = os.getloadavg()[0]
         runs.append({
-            "workers": workers, "cpus_per_worker": s.cpus_per_worker,
+            "workers": workers, "cpus_per_worker": s.cpus_per_worker, "zero_stage": s.zero_stage,
             "sft_step_s": sft["seconds"] / (s.sft_steps - s.sft_warmup), "sft_samples_per_s": sft["samples_per_s"],
             "grpo_step_s": grpo["step_s"], "grpo_samples_per_s": grpo["samples_per_s"], "grpo_phases": grpo["phases"],
         })

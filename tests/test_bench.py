@@ -187,6 +187,9 @@ def test_settings_and_bad_mode():
     assert s.grpo_steps > s.grpo_warmup and (s.grpo_steps - s.grpo_warmup) % s.grpo_warmup == 0
     with pytest.raises(BenchError, match="--workers"):
         bench.settings_for("quick", workers=3, cpus=2)
+    full = bench.settings_for("full", cpus=2)  # SmolLM2: one worker, every CPU, ZeRO-0, the same global batch of 8
+    assert (full.workers, full.cpus_per_worker, full.zero_stage, full.sft_micro_batch, full.grpo_prompts) == (1, 2.0, 0, 8, 8)
+    assert bench.settings_for("full", workers=2, cpus=2).sft_micro_batch == 4
     with pytest.raises(BenchError, match="unknown bench mode 'fast'"):
         bench.settings_for("fast")
 
@@ -233,6 +236,7 @@ def test_same_global_batch_moves_the_batch_onto_fewer_workers():
     s = bench.settings_for("quick", cpus=2)  # 2 workers x 1 CPU, SFT 16 and GRPO 8 prompts per worker
     one = bench.same_global_batch(s, 1, cpus=2)
     assert (one.workers, one.cpus_per_worker, one.sft_micro_batch, one.grpo_prompts) == (1, 2.0, 32, 16)
+    assert (one.zero_stage, s.zero_stage) == (0, 2)  # one worker has nothing to partition
     assert one.sft_steps == s.sft_steps and one.grpo_group == s.grpo_group
     assert bench.same_global_batch(s, 2, cpus=2) == s
     with pytest.raises(BenchError, match="does not split evenly over 3 workers"):
@@ -255,8 +259,8 @@ def scaling_result():
 
 def test_render_scaling_rows_and_ratios():
     text = bench.render_scaling(scaling_result())
-    assert "| 1 × 2 | 4.000 | 2.0 | 10.000 | 3.2 |" in text
-    assert "| 2 × 1 | 3.000 | 2.7 | 12.500 | 2.6 |" in text
+    assert "| 1 × 2, ZeRO-2 | 4.000 | 2.0 | 10.000 | 3.2 |" in text  # rows without their own stage: the result's
+    assert "| 2 × 1, ZeRO-2 | 3.000 | 2.7 | 12.500 | 2.6 |" in text
     assert "| **ratio 2/1** | **0.75** | | **1.25** | |" in text  # SFT faster on 2 workers, GRPO slower
     assert "| 1 | 5.0000 | 2.5000 |" in text and text.rstrip().endswith("load fine")
 
