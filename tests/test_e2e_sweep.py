@@ -1,6 +1,7 @@
 """End to end: a 2x2 ablation grid on Ray Tune (tiny model, CPU), its driver killed mid-sweep and
 resumed, and the paper table checked against the metrics in MLflow."""
 
+import contextlib
 import csv
 import os
 import signal
@@ -57,16 +58,16 @@ def processes_started_for(home) -> list[psutil.Process]:
 
 
 def kill_sweep(proc, home) -> None:
-    """SIGKILL the driver's process group, then wait until no process of that sweep is left: a Ray
-    worker outliving the driver by a second could still mark its cell FINISHED."""
+    """SIGKILL the driver's process group and every other process of that sweep, and wait until they are
+    gone: a Ray worker outliving the driver (its own process group) could still mark its cell FINISHED."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    deadline = time.time() + 60
-    while (left := processes_started_for(home)) and time.time() < deadline:
-        time.sleep(0.5)
+    left = processes_started_for(home)
     for p in left:
-        p.kill()
-    psutil.wait_procs(left, timeout=30)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(left, timeout=60)
+    assert not processes_started_for(home)
 
 
 def cell_runs(client):
