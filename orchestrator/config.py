@@ -389,6 +389,11 @@ class GRPOStage(_StageBase):
     mae_reward_form: Literal["neg_range", "one_minus_scaled"] = "neg_range"
     mae_scale: float | None = Field(None, gt=0, description="Scale of `one_minus_scaled`; None = label range.")
     accuracy_tolerance: float = Field(0.0, ge=0)
+    shared_prompt_forward: bool = Field(
+        True,
+        description="Run each prompt once for its G samples in the log-prob forwards (same numbers, less "
+        "compute); the image path and ZeRO-3 always run whole rows.",
+    )
 
     def label(self) -> str:
         return "grpo:" + "+".join(t.name for t in self.rewards)

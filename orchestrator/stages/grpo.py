@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.config import GRPOStage
-from orchestrator.data.collate import chat_prompt_ids, micro_batch_indices, pad_batch
+from orchestrator.data.collate import chat_prompt_ids, collate_prompts, micro_batch_indices, pad_batch
 from orchestrator.evaluate import parse_answer
 from orchestrator.generation import decode_completions, generate
 from orchestrator.grpo import group_advantages, grpo_loss_terms
@@ -56,6 +56,49 @@ def token_logprobs(
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, -width:-1, :].float()
     targets = input_ids[:, start + 1 :].unsqueeze(-1)
     return (logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+
+
+def shared_prompt_logprobs(
+    model, prompt_ids: list[list[int]], completions: list[list[int]], rows, group_size: int, pad_id: int,
+    width: int, keep: bool = True, device: torch.device | None = None,
+) -> torch.Tensor:
+    """log p(completion token k | prompt, completion_<k) for the samples `rows`, shape [len(rows), width]:
+    column k is completion token k (values past a completion's end are padding, masked by the caller).
+
+    The G samples of a prompt share it, so each distinct prompt runs through the model ONCE (left-padded,
+    with a key/value cache) and its cache is repeated for its samples; only the completion tokens run per
+    sample. Same log-probs and gradients as `token_logprobs` on the full rows (the prompt's states get
+    the summed gradient of its samples), at a fraction of the compute when prompts are longer than
+    completions, as they are for GRPO here."""
+    owners = [j // group_size for j in rows]
+    distinct = sorted(set(owners))
+    prompts = collate_prompts([prompt_ids[p] for p in distinct], pad_id)  # left-padded: all end at one column
+    p_ids, p_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if keep else {}
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **extra)
+    select = torch.tensor([distinct.index(o) for o in owners], device=p_ids.device)
+    cache = out.past_key_values
+    cache.batch_select_indices(select)  # one cache row per sample (differentiable indexing)
+    samples = [list(completions[j]) for j in rows]
+    c_mask = completion_mask(samples, width).long().to(p_ids.device)
+    c_ids = pad_batch([s + [pad_id] * (width - len(s)) for s in samples], pad_id).to(p_ids.device)
+    c_pos = p_mask.sum(-1)[select].unsqueeze(1) + torch.arange(width, device=p_ids.device)
+    logits = model(
+        input_ids=c_ids, attention_mask=torch.cat([p_mask[select], c_mask], 1), position_ids=c_pos,
+        past_key_values=cache, use_cache=True,
+    ).logits
+    # Completion token 0 is predicted by the prompt's last position, token k by completion position k-1.
+    logits = torch.cat([out.logits[:, -1:][select], logits[:, : width - 1]], 1).float()
+    return logits.gather(-1, c_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def completion_mask(completions: list[list[int]], width: int) -> torch.Tensor:
+    """[N, width] float: 1 on each completion's tokens (the layout of `shared_prompt_logprobs`)."""
+    mask = torch.zeros((len(completions), width))
+    for i, c in enumerate(completions):
+        mask[i, : len(c)] = 1.0
+    return mask
 
 
 def build_sequences(prompt_ids: list[list[int]], completions: list[list[int]], group_size: int, pad_id: int):
@@ -118,6 +161,11 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
             engine.load_checkpoint(resume_dir, tag="ckpt")
     ctx.extra["reference"] = reference
     keep = accepts_logits_to_keep(engine)
+    # Prompt-shared forwards on the text path; images (placeholder expansion) and ZeRO-3 (parameters
+    # gathered per forward call) take the per-row path.
+    shared_prompts = (
+        stage.shared_prompt_forward and ctx.processor is None and ctx.cfg.deepspeed.zero_stage < 3
+    )
 
     ds = ctx.dataset
     train = ds.load("train")
@@ -176,19 +224,30 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
 
         # 3. old-policy and reference log-probs, once per rollout batch
         t0 = time.perf_counter()
-        input_ids, attention_mask, mask = build_sequences(prompt_ids, completions, G, tok.pad_token_id)
-        # The loss reads completion tokens only: log-probs start at the shortest prompt's last token (the
-        # first position that predicts a completion token in any row). On the image path the model may
-        # expand placeholders, so every position is kept there.
-        start = min(len(p) for p in prompt_ids) - 1 if pixels is None else 0
-        mask = mask[:, start:]
-        input_ids, attention_mask, mask = input_ids.to(ctx.device), attention_mask.to(ctx.device), mask.to(ctx.device)
         chunks = np.array_split(np.arange(B * G), stage.grad_accum)
         sample_pixels = pixels.repeat(G) if pixels is not None else None  # row j shows prompt j // G's image
         chunk_pixels = [sample_pixels.select(c) if sample_pixels is not None else None for c in chunks]
+        if shared_prompts:
+            # Each prompt runs once per chunk and its cache serves its G samples; log-probs and the mask
+            # are laid out per completion token.
+            width = max(1, max(len(c) for c in completions))
+            mask = completion_mask(completions, width).to(ctx.device)
 
-        def logprobs(model, c, px):
-            return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep)
+            def logprobs(model, c, px):
+                return shared_prompt_logprobs(
+                    model, prompt_ids, completions, c.tolist(), G, tok.pad_token_id, width, keep, ctx.device
+                )
+        else:
+            input_ids, attention_mask, mask = build_sequences(prompt_ids, completions, G, tok.pad_token_id)
+            # The loss reads completion tokens only: log-probs start at the shortest prompt's last token (the
+            # first position that predicts a completion token in any row). On the image path the model may
+            # expand placeholders, so every position is kept there.
+            start = min(len(p) for p in prompt_ids) - 1 if pixels is None else 0
+            mask = mask[:, start:]
+            input_ids, attention_mask, mask = input_ids.to(ctx.device), attention_mask.to(ctx.device), mask.to(ctx.device)
+
+            def logprobs(model, c, px):
+                return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep)
 
         with torch.no_grad():
             # With one update per rollout the policy has not moved since it sampled: its old log-probs are
