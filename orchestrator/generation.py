@@ -25,7 +25,8 @@ def generate(
 ) -> list[list[int]]:
     """One `generate` call for the whole batch; returns completion ids cut at the first end-of-turn.
 
-    With num_return_sequences=G the output holds G consecutive completions per prompt. `images` (a
+    With num_return_sequences=G the output holds G consecutive completions per prompt; on the text path
+    each prompt is prefilled once for its G samples (`shared_prompt_cache`). `images` (a
     vision.ImageBatch, one row per prompt) adds the pixel inputs; transformers encodes each image once
     and repeats its features for the G samples.
     """
@@ -39,6 +40,9 @@ def generate(
     was_training = model.training
     model.eval()
     kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, use_cache=True)
+    if num_return_sequences > 1 and images is None and batch["input_ids"].shape[1] > 1:
+        kwargs.update(num_return_sequences=1, past_key_values=shared_prompt_cache(model, batch, num_return_sequences))
+        batch = {k: v.repeat_interleave(num_return_sequences, 0) for k, v in batch.items()}
     if do_sample:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -50,6 +54,21 @@ def generate(
         model.train()
     completions = out[:, batch["input_ids"].shape[1] :].tolist()
     return [truncate_at_eos(c, tokenizer.eos_token_id, tokenizer.pad_token_id) for c in completions]
+
+
+def shared_prompt_cache(model, batch: dict[str, torch.Tensor], copies: int):
+    """The key/value cache of each left-padded prompt but its last token, computed once and repeated for
+    its `copies` samples. `generate` then runs only the last prompt token per sample before decoding: the
+    same samples as expanding the prompts first (sampling draws nothing during the prefill), without
+    computing each prompt `copies` times."""
+    from orchestrator.stages.common import accepts_logits_to_keep
+
+    ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra).past_key_values
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def truncate_at_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:

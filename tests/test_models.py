@@ -4,6 +4,7 @@ import torch
 from orchestrator.config import ModelConfig
 from orchestrator.data.collate import (
     IGNORE_INDEX,
+    collate_prompts,
     collate_sft,
     encode_sft_example,
     micro_batch_indices,
@@ -11,7 +12,7 @@ from orchestrator.data.collate import (
     stream_indices,
     supervised_counts,
 )
-from orchestrator.generation import decode_completions, generate, truncate_at_eos
+from orchestrator.generation import decode_completions, generate, shared_prompt_cache, truncate_at_eos
 from orchestrator.models import ModelError, build_digit_tokenizer, digit_token_ids, load_model_and_tokenizer, resolve_source
 
 
@@ -45,6 +46,35 @@ def test_tiny_model_is_seeded_and_generates():
     out = generate(m1, tok, prompts, max_new_tokens=5, do_sample=True, num_return_sequences=3)
     assert len(out) == 6 and all(len(c) <= 5 for c in out)
     assert len(decode_completions(tok, out)) == 6
+
+
+def test_sampling_with_a_shared_prompt_prefill_matches_expanded_prompts():
+    """generate() prefills each prompt once for its G samples: with the same seed, the same samples as
+    transformers expanding every prompt G times before its prefill."""
+    model, tok = load_model_and_tokenizer(ModelConfig(), "tiny")
+    model.eval()
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("hi", "hello there!", "a longer prompt, padded")]
+    torch.manual_seed(3)
+    shared = generate(model, tok, prompts, max_new_tokens=8, do_sample=True, num_return_sequences=4)
+    batch = collate_prompts(prompts, tok.pad_token_id)
+    torch.manual_seed(3)
+    out = model.generate(
+        **batch, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=4,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    width = batch["input_ids"].shape[1]
+    expanded = [truncate_at_eos(c, tok.eos_token_id, tok.pad_token_id) for c in out[:, width:].tolist()]
+    assert len(shared) == 12 and shared == expanded
+
+    # The repeated cache continues each prompt exactly: next-token logits as from the expanded prompts.
+    rows = {k: v.repeat_interleave(4, 0) for k, v in batch.items()}
+    positions = (rows["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = shared_prompt_cache(model, batch, 4)
+        last = model(input_ids=rows["input_ids"][:, -1:], attention_mask=rows["attention_mask"],
+                     position_ids=positions[:, -1:], past_key_values=cache).logits[:, -1]
+        whole = model(**rows, position_ids=positions).logits[:, -1]
+    assert torch.allclose(last, whole, atol=1e-5)
 
 
 def test_truncate_at_eos():
