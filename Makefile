@@ -31,7 +31,7 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not e2e" tests
 
 # The same SFT and GRPO work with this project and with TRL, back to back; prints the ratios and writes
-# results/bench/latest.md. torch and transformers are pinned on the command line so pip keeps them.
+# results/bench/quick.md. torch and transformers are pinned on the command line so pip keeps them.
 bench: setup
 	DS_BUILD_OPS=0 $(PIP) install -q -e '.[bench]' torch==2.13.0 transformers==5.23.0
 	$(VENV)/bin/orchestrator bench --quick
