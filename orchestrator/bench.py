@@ -862,7 +862,10 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
             f"tokens in the timed steps, checked on both sides), GRPO prompts in the same order, optimizer and schedule. "
             f"Not identical: GRPO completions are sampled (mean length: project {p_grpo['completion_length']:.1f}, "
             f"TRL {t_grpo['completion_length']:.1f} tokens); TRL's SFT step also computes entropy and token accuracy "
-            f"for its logs; data collation is inside the project's timed step and outside TRL's. TRL runs at the "
+            f"for its logs; data collation is inside the project's timed step and outside TRL's; the project's "
+            f"AdamW is torch's fused kernel, TRL's (`adamw_torch`) the per-tensor loop (the same update); the "
+            f"project runs each GRPO prompt once for its G samples (prefill and log-prob forwards), TRL once per "
+            f"sample (the same log-probs). TRL runs at the "
             f"niceness of the project's Ray workers ({os.environ.get('RAY_worker_niceness', RAY_WORKER_NICENESS)})."
         ],
     }
