@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 
 from orchestrator.data.collate import collate_prompts
+from orchestrator.rvtc import base_model
 
 
 @torch.no_grad()
@@ -56,17 +58,30 @@ def generate(
     return [truncate_at_eos(c, tokenizer.eos_token_id, tokenizer.pad_token_id) for c in completions]
 
 
+def accepts_logits_to_keep(engine_or_model) -> bool:
+    """Whether the model's forward can compute the LM head at its last K positions only
+    (transformers' `logits_to_keep`); models without it get full logits, sliced afterwards."""
+    try:
+        return "logits_to_keep" in inspect.signature(base_model(engine_or_model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def prompt_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: bool):
+    """One cached forward over left-padded prompts, positions counting each row's real tokens from 0 (as
+    `generate` counts them); with `keep_last` the LM head runs at the last position only."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if keep_last else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
+
+
 def shared_prompt_cache(model, batch: dict[str, torch.Tensor], copies: int):
     """The key/value cache of each left-padded prompt but its last token, computed once and repeated for
     its `copies` samples. `generate` then runs only the last prompt token per sample before decoding: the
     same samples as expanding the prompts first (sampling draws nothing during the prefill), without
     computing each prompt `copies` times."""
-    from orchestrator.stages.common import accepts_logits_to_keep
-
     ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra).past_key_values
+    cache = prompt_prefill(model, ids, mask, accepts_logits_to_keep(model)).past_key_values
     cache.batch_repeat_interleave(copies)
     return cache
 

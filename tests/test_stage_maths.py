@@ -17,7 +17,7 @@ from orchestrator.evaluate import format_answer
 from orchestrator.grpo import grpo_loss_terms
 from orchestrator.losses import sft_loss
 from orchestrator.models import digit_token_ids, load_model_and_tokenizer
-from orchestrator.stages.common import accepts_logits_to_keep
+from orchestrator.generation import accepts_logits_to_keep
 from orchestrator.stages.grpo import build_sequences, completion_mask, shared_prompt_logprobs, token_logprobs
 from orchestrator.stages.sft import length_groups, micro_batch_loss, supervised_logits
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,17 +141,6 @@ def full_parameters(engine_or_model):
             yield module
     else:
         yield module
-
-
-def accepts_logits_to_keep(engine_or_model) -> bool:
-    """Whether the model's forward can compute the LM head at its last K positions only
-    (transformers' `logits_to_keep`); models without it get full logits, sliced afterwards."""
-    from orchestrator.rvtc import base_model
-
-    try:
-        return "logits_to_keep" in inspect.signature(base_model(engine_or_model).forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from orchestrator.config import GRPOStage
 from orchestrator.data.collate import chat_prompt_ids, collate_prompts, micro_batch_indices, pad_batch
 from orchestrator.evaluate import parse_answer
-from orchestrator.generation import decode_completions, generate
+from orchestrator.generation import accepts_logits_to_keep, decode_completions, generate, prompt_prefill
 from orchestrator.grpo import group_advantages, grpo_loss_terms
 from orchestrator.rewards import RewardContext, compute_rewards
 from orchestrator.tracking import Stopwatch
@@ -34,7 +34,6 @@ from orchestrator.stages.common import (
     REFERENCE_FILE,
     ReferencePolicy,
     StageContext,
-    accepts_logits_to_keep,
     all_gather_objects,
     all_reduce_sum,
     build_engine,
@@ -71,16 +70,14 @@ def shared_prompt_logprobs(
     the summed gradient of its samples), at a fraction of the compute when prompts are longer than
     completions, as they are for GRPO here."""
     owners = [j // group_size for j in rows]
-    distinct = sorted(set(owners))
+    distinct = {p: i for i, p in enumerate(sorted(set(owners)))}  # prompt index -> its row in the prefill
     prompts = collate_prompts([prompt_ids[p] for p in distinct], pad_id)  # left-padded: all end at one column
     p_ids, p_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if keep else {}
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **extra)
-    select = torch.tensor([distinct.index(o) for o in owners], device=p_ids.device)
+    out = prompt_prefill(model, p_ids, p_mask, keep_last=keep)
+    select = torch.tensor([distinct[o] for o in owners], device=p_ids.device)
     cache = out.past_key_values
     cache.batch_select_indices(select)  # one cache row per sample (differentiable indexing)
-    samples = [list(completions[j]) for j in rows]
+    samples = [completions[j] for j in rows]
     c_mask = completion_mask(samples, width).long().to(p_ids.device)
     c_ids = pad_batch([s + [pad_id] * (width - len(s)) for s in samples], pad_id).to(p_ids.device)
     c_pos = p_mask.sum(-1)[select].unsqueeze(1) + torch.arange(width, device=p_ids.device)

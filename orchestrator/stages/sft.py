@@ -29,9 +29,10 @@ from orchestrator.data.collate import (
     supervised_counts,
 )
 from orchestrator.evaluate import format_answer
+from orchestrator.generation import accepts_logits_to_keep
 from orchestrator.losses import sft_loss
 from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
-from orchestrator.stages.common import StageContext, accepts_logits_to_keep, all_reduce_sum, build_engine
+from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine
 from orchestrator.tracking import Stopwatch
 
 
