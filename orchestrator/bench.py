@@ -55,6 +55,14 @@ class BenchError(ValueError):
 # --------------------------------------------------------------------------- settings
 
 
+# The project's DeepSpeed ZeRO stage on the CPU bench, whatever the number of workers: over gloo, ZeRO-1/2's
+# partitioned gradient reduce and parameter all-gather cost more than ZeRO-0's one all-reduce, and 135M
+# parameters need no partitioning. Measured on 2 CPUs, SmolLM2-135M SFT step on 2 workers: ZeRO-0 5.9 s,
+# ZeRO-1 7.4 s, ZeRO-2 7.2 s (with the workers' malloc setting: 4.5 s against 6.5 s); tiny model 59 ms
+# against 61-64 ms. `--zero-stage` benches another stage.
+BENCH_ZERO_STAGE = 0
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     mode: str
@@ -74,7 +82,7 @@ class BenchSettings:
     grpo_lr: float
     workers: int = 1
     cpus_per_worker: float = 2.0
-    zero_stage: int = 2  # the project's DeepSpeed ZeRO stage (zero_stage_for)
+    zero_stage: int = BENCH_ZERO_STAGE  # the project's DeepSpeed ZeRO stage
 
     @property
     def threads(self) -> int:
@@ -89,21 +97,17 @@ class BenchSettings:
 DEFAULT_WORKERS = {"quick": 2, "full": 1}
 
 
-def zero_stage_for(workers: int) -> int:
-    """ZeRO-2 across several workers; on one there is nothing to partition, and ZeRO-0 skips the
-    flat-buffer gradient and parameter copies (SmolLM2-135M SFT step 5.8 s vs 7.2 s, measured)."""
-    return 0 if workers == 1 else 2
-
-
-def settings_for(mode: str, workers: int | None = None, cpus: int | None = None) -> BenchSettings:
+def settings_for(mode: str, workers: int | None = None, cpus: int | None = None, zero_stage: int = BENCH_ZERO_STAGE) -> BenchSettings:
     """The bench's fixed work per mode: the global batch of an optimizer step is the same whatever the
     number of project workers (`--workers` changes each worker's share); TRL accumulates one
     micro-batch per project worker, so a step is the same work on both sides."""
     if mode not in MODES:
         raise BenchError(f"unknown bench mode {mode!r}; allowed: {', '.join(MODES)}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise BenchError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
     cpus = cpus or os.cpu_count() or 1
     # Per-worker shares of the global batch on 2 workers; same_global_batch moves them to `workers`.
-    common = dict(workers=2, cpus_per_worker=1.0, grpo_temperature=1.0, grpo_beta=0.04)
+    common = dict(workers=2, cpus_per_worker=1.0, grpo_temperature=1.0, grpo_beta=0.04, zero_stage=zero_stage)
     if mode == "quick":
         base = BenchSettings(
             mode=mode, base="ablations/runs/cpu.yaml", overrides=(),
@@ -134,7 +138,7 @@ def same_global_batch(settings: BenchSettings, workers: int, cpus: int | None = 
                          f"evenly over {workers} workers")
     return dataclasses.replace(
         settings, workers=workers, cpus_per_worker=max(1.0, float(cpus // workers)),
-        sft_micro_batch=sft_global // workers, grpo_prompts=grpo_global // workers, zero_stage=zero_stage_for(workers),
+        sft_micro_batch=sft_global // workers, grpo_prompts=grpo_global // workers,
     )
 
 
@@ -865,11 +869,19 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
             f"for its logs; data collation is inside the project's timed step and outside TRL's; the project's "
             f"AdamW is torch's fused kernel, TRL's (`adamw_torch`) the per-tensor loop (the same update); the "
             f"project runs each GRPO prompt once for its G samples (prefill and log-prob forwards), TRL once per "
-            f"sample (the same log-probs). TRL runs at the "
+            f"sample (the same log-probs); the project's workers run with malloc setting "
+            f"{_worker_malloc()}, TRL with {os.environ.get('GLIBC_TUNABLES', 'glibc default')} (set GLIBC_TUNABLES "
+            f"to give both sides the same). TRL runs at the "
             f"niceness of the project's Ray workers ({os.environ.get('RAY_worker_niceness', RAY_WORKER_NICENESS)})."
         ],
     }
     return result
+
+
+def _worker_malloc() -> str:
+    from orchestrator.train import worker_env_vars
+
+    return worker_env_vars(os.environ).get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES", "glibc default"))
 
 
 def run_scaling(settings: BenchSettings, log=print) -> dict[str, Any]:

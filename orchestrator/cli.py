@@ -178,7 +178,7 @@ def cmd_bench(args) -> int:
         workers = args.workers
         if args.scaling and workers is None:  # 1 worker against 2
             workers = min(2, os.cpu_count() or 1)
-        settings = settings_for(args.mode or "quick", workers=workers)
+        settings = settings_for(args.mode or "quick", workers=workers, zero_stage=args.zero_stage)
 
         def log(message: str) -> None:
             print(message, flush=True)
@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--mode", dest="mode", help="quick or full")
     p.add_argument("--workers", type=int, default=None,
                    help="project side: Ray Train workers sharing the CPUs, same global batch (default: 2 in quick mode, "
-                   "1 in full mode; ZeRO-2 on several, ZeRO-0 on one)")
+                   "1 in full mode)")
+    p.add_argument("--zero-stage", type=int, default=0, metavar="N",
+                   help="project side: DeepSpeed ZeRO stage (default 0: on CPU over gloo the fastest at every worker count)")
     p.add_argument("--scaling", action="store_true",
                    help="instead of TRL: the project's step time at one global batch on 1 worker and on --workers workers")
     p.add_argument("--write-readme", action="store_true",

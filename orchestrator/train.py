@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_stage, start_step, resume_dir = _restore_point()
     if logger is not None and resume_dir is not None:
         logger.set_tag("orchestrator.resumed_from", f"stage {start_stage} step {start_step}")
+    if logger is not None:  # process settings that change speed, not results: kept with the run
+        logger.set_tag("orchestrator.worker_threads", str(torch.get_num_threads()))
+        logger.set_tag("orchestrator.worker_malloc", os.environ.get("GLIBC_TUNABLES", "glibc default"))
 
     engine = None
     offset = sum(s.steps for s in cfg.pipeline[:start_stage])
@@ -208,13 +212,31 @@ def log_predictions(logger: RunLogger, predictions: dict, dataset) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
+# glibc's malloc hands freed blocks above its mmap threshold (at most 32 MB) back to the OS and page-faults
+# them in again on the next allocation; a training step frees and re-allocates the same large tensors every
+# step (the tied embedding gradient alone is 113 MB for SmolLM2-135M). Workers keep freed memory in one
+# heap instead: one arena, because Ray Train runs the training loop in a thread of its own, whose arena
+# cannot hold such blocks without mmap. Measured on 2 CPUs, SmolLM2-135M SFT step with the loop in a
+# thread: 6.1 s -> 4.5 s, and peak resident memory 5.9 -> 4.7 GB (the tiny model: unchanged).
+WORKER_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def worker_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment of the Ray worker processes: one compute thread unless a stage asks for more, and
+    the malloc setting above unless the user already chose GLIBC_TUNABLES (workers then inherit it)."""
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if "GLIBC_TUNABLES" not in environ:
+        env["GLIBC_TUNABLES"] = WORKER_MALLOC_TUNABLES
+    return env
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join $RAY_ADDRESS if set, else start a local cluster in-process, dashboard on loopback only."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": worker_env_vars(os.environ)}
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`, Ray refuses a driver runtime_env that sets an env var the job's
         # runtime_env (--runtime-env-json) also sets; the job's value wins.

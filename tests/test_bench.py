@@ -192,6 +192,9 @@ def test_settings_and_bad_mode():
     assert bench.settings_for("full", workers=2, cpus=2).sft_micro_batch == 4
     with pytest.raises(BenchError, match="unknown bench mode 'fast'"):
         bench.settings_for("fast")
+    assert bench.settings_for("quick", cpus=2, zero_stage=2).zero_stage == 2
+    with pytest.raises(BenchError, match="--zero-stage must be 0, 1, 2 or 3, got 4"):
+        bench.settings_for("quick", zero_stage=4)
 
 
 def test_cli_bad_mode_exits_2_before_compute(capsys, monkeypatch):
@@ -199,6 +202,8 @@ def test_cli_bad_mode_exits_2_before_compute(capsys, monkeypatch):
     assert main(["bench", "--mode", "fast"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "unknown bench mode 'fast'" in err
+    assert main(["bench", "--quick", "--zero-stage", "4"]) == 2
+    assert "--zero-stage must be 0, 1, 2 or 3" in capsys.readouterr().err
 
 
 def test_cli_trl_missing_exits_2_with_install_hint(capsys, monkeypatch):
@@ -236,7 +241,7 @@ def test_same_global_batch_moves_the_batch_onto_fewer_workers():
     s = bench.settings_for("quick", cpus=2)  # 2 workers x 1 CPU, SFT 16 and GRPO 8 prompts per worker
     one = bench.same_global_batch(s, 1, cpus=2)
     assert (one.workers, one.cpus_per_worker, one.sft_micro_batch, one.grpo_prompts) == (1, 2.0, 32, 16)
-    assert (one.zero_stage, s.zero_stage) == (0, 2)  # one worker has nothing to partition
+    assert one.zero_stage == s.zero_stage == 0  # ZeRO-0 at every worker count (over gloo the fastest)
     assert one.sft_steps == s.sft_steps and one.grpo_group == s.grpo_group
     assert bench.same_global_batch(s, 2, cpus=2) == s
     with pytest.raises(BenchError, match="does not split evenly over 3 workers"):

@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.config import ConfigError, load_run_config, resolve_path
 from orchestrator.models import build_digit_tokenizer
-from orchestrator.train import answer_token_length, check_generation_budgets
+from orchestrator.train import WORKER_MALLOC_TUNABLES, answer_token_length, check_generation_budgets, worker_env_vars
 
 
 def test_answer_token_length_with_the_digit_tokenizer():
@@ -23,6 +23,15 @@ def test_generation_budget_too_small_is_refused_naming_the_field():
     cfg = load_run_config(overrides=["pipeline=sft:ce -> grpo:ccc", "pipeline.1.max_new_tokens=8"])
     with pytest.raises(ConfigError, match=r"pipeline.1.max_new_tokens=8"):
         check_generation_budgets(cfg, tok, 10, 100)
+
+
+def test_worker_environment_keeps_freed_memory_unless_the_user_chose_malloc_settings():
+    env = worker_env_vars({})
+    assert env["OMP_NUM_THREADS"] == "1" and env["GLIBC_TUNABLES"] == WORKER_MALLOC_TUNABLES
+    # large blocks stay in one heap, not unmapped on free, whichever thread allocates them
+    assert {"glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0"} <= set(WORKER_MALLOC_TUNABLES.split(":"))
+    # the user's own GLIBC_TUNABLES is not overridden: workers inherit it
+    assert "GLIBC_TUNABLES" not in worker_env_vars({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
 
 
 def test_relative_paths_follow_orchestrator_home(tmp_path, monkeypatch):

@@ -5,13 +5,14 @@ dataset folder and Ray Train storage.
 """
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from orchestrator.config import load_run_config
-from orchestrator.train import run_training
+from orchestrator.train import WORKER_MALLOC_TUNABLES, run_training
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +76,9 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     # 60 steps teach the answer format: most greedy answers parse (a budget too short would make this 1.0)
     assert run.data.metrics["test/all/parse_fail_rate"] < 0.5
     assert run.data.params["pipeline.0.loss"] == "ce"
+    # init_ray's worker environment reaches the Ray Train workers, and is kept with the run
+    assert run.data.tags["orchestrator.worker_threads"] == "1"
+    assert run.data.tags["orchestrator.worker_malloc"] == os.environ.get("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES)
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "predictions")}
     assert artifacts == {"predictions/val.parquet", "predictions/test.parquet"}
     plots = {a.path for a in client.list_artifacts(outcome.run_id, "plots/test")}
