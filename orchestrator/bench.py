@@ -91,9 +91,9 @@ class BenchSettings:
 
 # Project workers per mode when --workers is not given (at most the CPUs), as measured on 2 CPUs: the
 # tiny model runs faster as 2 single-threaded workers than as 1 worker with 2 threads (best-window SFT
-# 338 vs 204 samples/s, GRPO 180 vs 122: it gains little from a second thread); SmolLM2-135M runs SFT
-# faster on 1 worker (`orchestrator bench --scaling --full`: 2 workers' steps took 1.16x as long, the
-# 540 MB gradient exchange over gloo costing more than the second core gains).
+# 338 vs 204 samples/s, GRPO 180 vs 122: it gains little from a second thread); SmolLM2-135M runs as
+# fast on 1 worker as on 2 (`orchestrator bench --scaling --full`: SFT step 4.80 vs 4.86 s, GRPO 14.3
+# vs 14.0 s), and one worker leaves the 540 MB gradient all-reduce out of the comparison with TRL.
 DEFAULT_WORKERS = {"quick": 2, "full": 1}
 
 
