@@ -879,9 +879,10 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
 
 
 def _worker_malloc() -> str:
-    from orchestrator.train import worker_env_vars
+    """The malloc setting init_ray gives the project's workers: the user's GLIBC_TUNABLES, else the project's."""
+    from orchestrator.train import WORKER_MALLOC_TUNABLES
 
-    return worker_env_vars(os.environ).get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES", "glibc default"))
+    return os.environ.get("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES)
 
 
 def run_scaling(settings: BenchSettings, log=print) -> dict[str, Any]:

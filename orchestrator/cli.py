@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from orchestrator.bench import BENCH_ZERO_STAGE  # light: the bench's heavy imports are inside its functions
 from orchestrator.config import ConfigError, DataConfig, _format_validation_error, load_run_config
 from orchestrator.tracking import TrackingUnavailable  # light: mlflow is imported inside the functions
 
@@ -256,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="project side: Ray Train workers sharing the CPUs, same global batch (default: 2 in quick mode, "
                    "1 in full mode)")
-    p.add_argument("--zero-stage", type=int, default=0, metavar="N",
-                   help="project side: DeepSpeed ZeRO stage (default 0: on CPU over gloo the fastest at every worker count)")
+    p.add_argument("--zero-stage", type=int, default=BENCH_ZERO_STAGE, metavar="N",
+                   help=f"project side: DeepSpeed ZeRO stage (default {BENCH_ZERO_STAGE}: on CPU over gloo the fastest at "
+                   "every worker count)")
     p.add_argument("--scaling", action="store_true",
                    help="instead of TRL: the project's step time at one global batch on 1 worker and on --workers workers")
     p.add_argument("--write-readme", action="store_true",
