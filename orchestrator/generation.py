@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from orchestrator.data.collate import collate_prompts
+from orchestrator.last_layer import KEYWORD as LAST_LAYER_FROM, takes_last_layer_from
 from orchestrator.rvtc import base_model
 
 
@@ -69,9 +70,12 @@ def accepts_logits_to_keep(engine_or_model) -> bool:
 
 def prompt_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: bool):
     """One cached forward over left-padded prompts, positions counting each row's real tokens from 0 (as
-    `generate` counts them); with `keep_last` the LM head runs at the last position only."""
+    `generate` counts them); with `keep_last` the LM head runs at the last position only, and so does the
+    last decoder layer (but its keys and values) on a model with `enable_last_layer_from`."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"logits_to_keep": 1} if keep_last else {}
+    if keep_last and takes_last_layer_from(model):
+        extra[LAST_LAYER_FROM] = input_ids.shape[1] - 1
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
 
 

@@ -13,6 +13,7 @@ from orchestrator.data.collate import (
     supervised_counts,
 )
 from orchestrator.generation import decode_completions, generate, shared_prompt_cache, truncate_at_eos
+from orchestrator.last_layer import enable_last_layer_from
 from orchestrator.models import ModelError, build_digit_tokenizer, digit_token_ids, load_model_and_tokenizer, resolve_source
 
 
@@ -48,11 +49,15 @@ def test_tiny_model_is_seeded_and_generates():
     assert len(decode_completions(tok, out)) == 6
 
 
-def test_sampling_with_a_shared_prompt_prefill_matches_expanded_prompts():
+@pytest.mark.parametrize("last_layer_from", [False, True])
+def test_sampling_with_a_shared_prompt_prefill_matches_expanded_prompts(last_layer_from):
     """generate() prefills each prompt once for its G samples: with the same seed, the same samples as
-    transformers expanding every prompt G times before its prefill."""
+    transformers expanding every prompt G times before its prefill (also with the prefill's last layer
+    computed at the last position only, `enable_last_layer_from`)."""
     model, tok = load_model_and_tokenizer(ModelConfig(), "tiny")
     model.eval()
+    if last_layer_from:
+        assert enable_last_layer_from(model)
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("hi", "hello there!", "a longer prompt, padded")]
     torch.manual_seed(3)
     shared = generate(model, tok, prompts, max_new_tokens=8, do_sample=True, num_return_sequences=4)

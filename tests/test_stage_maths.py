@@ -1,7 +1,8 @@
 """The stages' fast paths compute the same losses and gradients as the straightforward ones.
 
-- SFT: the LM head run only from the first supervised position (`logits_to_keep`) and the loss fed only
-  the supervised positions, against full logits over every position (ce, softlabel, dist2).
+- SFT: the LM head (and, with `enable_last_layer_from`, the last decoder layer) run only from the first
+  supervised position and the loss fed only the supervised positions, against full logits over every
+  position (ce, softlabel, dist2).
 - SFT: a micro-batch split into sub-batches of similar length (less padding), against one padded batch.
 - GRPO: log-probs of completion positions only, against full-sequence log-probs; with one update per
   rollout, the update's own detached log-probs as the old policy, against a separate no-grad forward; and
@@ -18,6 +19,7 @@ from orchestrator.grpo import grpo_loss_terms
 from orchestrator.losses import sft_loss
 from orchestrator.models import digit_token_ids, load_model_and_tokenizer
 from orchestrator.generation import accepts_logits_to_keep
+from orchestrator.last_layer import enable_last_layer_from
 from orchestrator.stages.grpo import build_sequences, completion_mask, shared_prompt_logprobs, token_logprobs
 from orchestrator.stages.sft import length_groups, micro_batch_loss, supervised_logits
 
@@ -29,6 +31,15 @@ TARGETS = [71.0, 100.0, 8.0, 45.0]
 def model_and_tokenizer():
     cfg = load_run_config(overrides=["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
     model, tokenizer = load_model_and_tokenizer(cfg.model, "tiny")
+    return model.train(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def last_layer_model_and_tokenizer():
+    """The same tiny model, its last decoder layer computed from the first supervised position on."""
+    cfg = load_run_config(overrides=["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "tiny")
+    assert enable_last_layer_from(model)
     return model.train(), tokenizer
 
 
@@ -60,8 +71,9 @@ LOSSES = [
 
 @pytest.mark.parametrize("name, params", LOSSES)
 @pytest.mark.parametrize("keep", [True, False])
-def test_sft_loss_on_supervised_positions_equals_full_logits(model_and_tokenizer, name, params, keep):
-    model, tok = model_and_tokenizer
+@pytest.mark.parametrize("fixture", ["model_and_tokenizer", "last_layer_model_and_tokenizer"])
+def test_sft_loss_on_supervised_positions_equals_full_logits(request, fixture, name, params, keep):
+    model, tok = request.getfixturevalue(fixture)
     assert accepts_logits_to_keep(model)
     digits = digit_token_ids(tok)
     batch = collate_sft(
@@ -83,19 +95,24 @@ def test_sft_loss_on_supervised_positions_equals_full_logits(model_and_tokenizer
     assert_same(full, g_full, fast, grads(model))
 
 
-def test_supervised_logits_runs_the_head_only_where_needed(model_and_tokenizer):
-    model, tok = model_and_tokenizer
+@pytest.mark.parametrize("fixture", ["model_and_tokenizer", "last_layer_model_and_tokenizer"])
+def test_supervised_logits_runs_the_head_only_where_needed(request, fixture):
+    model, tok = request.getfixturevalue(fixture)
     batch = collate_sft(
         [encode_sft_example(tok, p, format_answer(t)) for p, t in zip(PROMPTS, TARGETS)], tok.pad_token_id
     )
-    seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    head, mlp = [], []
+    hooks = [model.lm_head.register_forward_hook(lambda m, i, o: head.append(o.shape[1])),
+             model.model.layers[-1].mlp.register_forward_hook(lambda m, i, o: mlp.append(o.shape[1]))]
     try:
         supervised_logits(model, batch, True)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     shortest_prompt = min(int((row != -100).nonzero()[0]) for row in batch["labels"])
-    assert seen == [batch["input_ids"].shape[1] - shortest_prompt + 1]  # not every position of the batch
+    kept = batch["input_ids"].shape[1] - shortest_prompt + 1
+    assert head == [kept]  # not every position of the batch
+    assert mlp == [kept if fixture == "last_layer_model_and_tokenizer" else batch["input_ids"].shape[1]]
 
 
 def rollout_ids(tok, group_size=3):
@@ -176,10 +193,12 @@ def per_completion(full: torch.Tensor, prompts, completions, group_size) -> torc
 
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("rows", [list(range(12)), [1, 2, 3, 4, 9]])  # whole groups; a chunk cutting groups
-def test_shared_prompt_logprobs_equal_whole_rows(model_and_tokenizer, keep, rows):
+@pytest.mark.parametrize("fixture", ["model_and_tokenizer", "last_layer_model_and_tokenizer"])
+def test_shared_prompt_logprobs_equal_whole_rows(request, fixture, keep, rows):
     """Each prompt run once, its cache repeated for its samples: the same log-probs, loss and gradients
-    as running every prompt+completion row in full."""
-    model, tok = model_and_tokenizer
+    as running every prompt+completion row in full (with the last layer at the last prompt position only
+    in the prefill, on the second fixture)."""
+    model, tok = request.getfixturevalue(fixture)
     group_size = 3
     prompts, completions, adv = rollout_ids(tok, group_size)
     input_ids, attention_mask, _ = build_sequences(prompts, completions, group_size, tok.pad_token_id)

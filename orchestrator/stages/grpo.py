@@ -28,6 +28,7 @@ from orchestrator.data.collate import chat_prompt_ids, collate_prompts, micro_ba
 from orchestrator.evaluate import parse_answer
 from orchestrator.generation import accepts_logits_to_keep, decode_completions, generate, prompt_prefill
 from orchestrator.grpo import group_advantages, grpo_loss_terms
+from orchestrator.last_layer import enable_last_layer_from
 from orchestrator.rewards import RewardContext, compute_rewards
 from orchestrator.tracking import Stopwatch
 from orchestrator.stages.common import (
@@ -143,6 +144,9 @@ def global_rollout(parsed: list[list[float | None]], targets: list[float], texts
 
 
 def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, resume_dir: str | None = None):
+    # Prompt prefills need the last decoder layer at the last prompt position only; enabled before the
+    # reference copy is made, so the copy's prefills skip the same work.
+    enable_last_layer_from(ctx.model)
     reference = None
     if stage.beta > 0:
         # The reference is the policy at the START of this stage; a checkpoint stores it separately.

@@ -30,6 +30,7 @@ from orchestrator.data.collate import (
 )
 from orchestrator.evaluate import format_answer
 from orchestrator.generation import accepts_logits_to_keep
+from orchestrator.last_layer import KEYWORD as LAST_LAYER_FROM, enable_last_layer_from, takes_last_layer_from
 from orchestrator.losses import sft_loss
 from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
 from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine
@@ -62,9 +63,10 @@ def encode_rvtc_split(tokenizer, table, centres, prompt_text=lambda p: p) -> lis
 def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervised: bool = True):
     """(logits [N, V], labels [N]) at the N positions that predict a supervised label, for right-padded
     rows. With `keep_only_supervised` the LM head runs only from the first position any row supervises
-    (`logits_to_keep`): prompt positions before it never reach the vocabulary projection. Either way only
-    the supervised positions reach the loss; ignored positions add nothing to any loss's sum or count, so
-    the loss is the one computed from full logits (tests/test_stage_maths.py)."""
+    (`logits_to_keep`): prompt positions before it never reach the vocabulary projection, nor, on a model
+    with `enable_last_layer_from`, the last decoder layer's queries and MLP. Either way only the supervised
+    positions reach the loss; ignored positions add nothing to any loss's sum or count, so the loss is the
+    one computed from full logits (tests/test_stage_maths.py)."""
     labels = batch["labels"][:, 1:]  # labels[:, t] is predicted by the logits at position t
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     start = 0
@@ -72,6 +74,8 @@ def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervise
         rows_supervise = (labels != IGNORE_INDEX).any(0).nonzero()
         start = int(rows_supervise[0]) if len(rows_supervise) else labels.shape[1]
         inputs["logits_to_keep"] = labels.shape[1] + 1 - start  # positions start..T-1; T-1 predicts nothing
+        if takes_last_layer_from(model):
+            inputs[LAST_LAYER_FROM] = start
     logits = model(**inputs).logits
     logits = logits[:, -(labels.shape[1] + 1 - start) : -1, :]  # positions start..T-2
     labels = labels[:, start:]
@@ -118,6 +122,7 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
         with watch("checkpoint_load"):
             engine.load_checkpoint(resume_dir, tag="ckpt", load_module_strict=True)
     keep_supervised = accepts_logits_to_keep(engine)
+    enable_last_layer_from(engine)  # prompt positions then skip the last layer's queries and MLP too
     with watch("data"):
         train = ctx.dataset.load("train")
         if head is None:
