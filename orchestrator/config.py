@@ -445,6 +445,10 @@ class DeepSpeedConfig(_Strict):
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp32.")
     offload_optimizer: bool = False
+    shared_memory_grads: bool = Field(
+        True, description="ZeRO-0 on CPU with every worker on one machine: average gradients through shared "
+        "memory (/dev/shm) instead of DeepSpeed's gloo all-reduce over TCP loopback; the same average.",
+    )
 
 
 class CheckpointConfig(_Strict):

@@ -79,6 +79,7 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     # init_ray's worker environment reaches the Ray Train workers, and is kept with the run
     assert run.data.tags["orchestrator.worker_threads"] == "1"
     assert run.data.tags["orchestrator.worker_malloc"] == os.environ.get("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES)
+    assert run.data.tags["orchestrator.stage0.grad_average"] == "deepspeed"  # ZeRO-2 partitions its own
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "predictions")}
     assert artifacts == {"predictions/val.parquet", "predictions/test.parquet"}
     plots = {a.path for a in client.list_artifacts(outcome.run_id, "plots/test")}
@@ -95,6 +96,25 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     inside = t["model_load"] + t["deepspeed_init"] + t["train"] + t["checkpoint"] + t["eval"]
     assert inside <= t["worker_total"] <= t["driver_fit"] <= t["driver_total"]
     assert t["worker_start"] + t["worker_total"] + t["teardown"] == pytest.approx(t["driver_fit"], abs=2.0)
+
+
+def test_zero0_workers_average_gradients_through_shared_memory(tmp_path, ray_cluster):
+    """Two ZeRO-0 workers on one machine average their gradients through shared memory: the same training
+    (logged losses) as DeepSpeed's gloo all-reduce, and each run records which one it used."""
+    losses = {}
+    for shared in (True, False):
+        cfg = make_cfg(
+            tmp_path / str(shared), f"name=z0-{shared}", "deepspeed.zero_stage=0",
+            f"deepspeed.shared_memory_grads={str(shared).lower()}", "pipeline.0.steps=20", "pipeline.0.lr=3e-3",
+            "pipeline.0.micro_batch_size=8", "checkpoint.every_steps=20", "eval.max_samples=8", "eval.splits=[val]",
+        )
+        outcome = run_training(cfg)
+        run = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["orchestrator.stage0.grad_average"] == ("shared memory" if shared else "deepspeed")
+        losses[shared] = [v for _, v in metric_history(outcome.tracking_uri, outcome.run_id, "train/loss")]
+    assert len(losses[True]) == 4 and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def test_restarted_run_resumes_from_checkpoint(tmp_path, ray_cluster):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.config import DeepSpeedConfig, RunConfig
+from orchestrator.shared_grads import shared_gradients_for
 from orchestrator.tracking import Stopwatch
 
 REFERENCE_FILE = "reference.safetensors"  # GRPO's frozen start-of-stage policy, inside a checkpoint
@@ -119,14 +120,39 @@ def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, stage.warmup_steps, stage.steps, stage.lr_schedule)
     )
+    config = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)
+    shared = None
+    if uses_shared_memory_grads(cfg, bf16=config["bf16"]["enabled"]):
+        shared = shared_gradients_for(trainable)  # None where workers span machines or /dev/shm is small
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu),
+        config=config,
         dist_init_required=False,
     )
+    if shared is not None:
+        engine.enable_backward_allreduce = False  # optimizer_step averages through shared memory instead
+    engine.shared_gradients = shared
     return engine
+
+
+def uses_shared_memory_grads(cfg: RunConfig, bf16: bool) -> bool:
+    """Whether a stage's gradients may be averaged through shared memory (orchestrator/shared_grads.py):
+    fp32 ZeRO-0 on CPU, more than one worker, and the setting on."""
+    return (
+        cfg.deepspeed.shared_memory_grads and cfg.deepspeed.zero_stage == 0 and not cfg.scaling.use_gpu
+        and not bf16 and dist.is_initialized() and dist.get_world_size() > 1
+    )
+
+
+def optimizer_step(engine) -> None:
+    """engine.step(); at a gradient-accumulation boundary, after averaging the gradients through shared
+    memory where build_engine set that up (DeepSpeed's own all-reduce is then off)."""
+    shared = getattr(engine, "shared_gradients", None)
+    if shared is not None and engine.is_gradient_accumulation_boundary():
+        shared.average_()
+    engine.step()
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ from orchestrator.stages.common import (
     all_reduce_sum,
     build_engine,
     full_parameters,
+    optimizer_step,
 )
 
 
@@ -281,7 +282,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
                 engine.backward(out["loss_sum"] * scale)
                 t1 = time.perf_counter()
                 timings["forward_backward"] += t1 - t0
-                engine.step()
+                optimizer_step(engine)
                 timings["optimizer"] += time.perf_counter() - t1
                 t0 = time.perf_counter()
                 weight = float(mask[c].sum())

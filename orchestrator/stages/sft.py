@@ -33,7 +33,7 @@ from orchestrator.generation import accepts_logits_to_keep
 from orchestrator.last_layer import KEYWORD as LAST_LAYER_FROM, enable_last_layer_from, takes_last_layer_from
 from orchestrator.losses import sft_loss
 from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
-from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine
+from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine, optimizer_step
 from orchestrator.tracking import Stopwatch
 
 
@@ -170,7 +170,7 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
         for parts in batches:
             loss_sum = micro_batch_loss(engine, parts, stage.loss, params, digit_ids, head, keep_supervised, ctx.device)
             engine.backward(loss_sum * scale)
-            engine.step()
+            optimizer_step(engine)
             step_loss += float(loss_sum.detach())
         window["loss_sums"].append(step_loss)
         window["tokens"].append(global_tokens)

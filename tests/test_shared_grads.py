@@ -1,0 +1,81 @@
+"""Gradients averaged through shared memory: the mean over the workers, bitwise the same on every worker,
+the same as gloo's all-reduce; nothing left in the folder; no room or several machines: not used."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import free_ports
+from orchestrator.shared_grads import FILE_PREFIX, SharedGradients, shared_gradients_for, shared_memory_room
+
+WORLD = 2
+
+
+def worker_grads(rank: int, step: int) -> list[torch.Tensor | None]:
+    """Different gradients per worker and step; the last parameter has none on rank 1 at odd steps."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    grads = [torch.randn(3, 5, generator=g), torch.randn(7, generator=g), torch.randn(2, 2, generator=g)]
+    if rank == 1 and step % 2:
+        grads[2] = None
+    return grads
+
+
+def run_worker(rank: int, port: int, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    params = [torch.nn.Parameter(torch.zeros(3, 5)), torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(2, 2))]
+    shared = shared_gradients_for(params, folder)
+    assert shared is not None
+    results = []
+    for step in range(3):  # both buffers, then the first again
+        for p, g in zip(params, worker_grads(rank, step)):
+            p.grad = None if g is None else g.clone()
+        shared.average_()
+        by_gloo = [torch.zeros_like(p) if g is None else g.clone() for p, g in zip(params, worker_grads(rank, step))]
+        for t in by_gloo:
+            dist.all_reduce(t)
+            t.div_(WORLD)
+        results.append(([p.grad.clone() for p in params], by_gloo))
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_workers_get_the_mean_gradient_and_leave_no_file(tmp_path):
+    folder, out = tmp_path / "shm", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    mp.start_processes(run_worker, args=(free_ports(1)[0], str(folder), str(out)), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    for step in range(3):
+        expected = []
+        for i in range(3):
+            rows = [worker_grads(r, step)[i] for r in range(WORLD)]
+            rows = [torch.zeros_like(rows[0]) if g is None else g for g in rows]
+            expected.append((rows[0] + rows[1]) / 2)
+        for rank in range(WORLD):
+            shared, by_gloo = ranks[rank][step]
+            for got, want, gloo in zip(shared, expected, by_gloo):
+                assert torch.allclose(got, want, atol=1e-7)
+                assert torch.allclose(got, gloo, atol=1e-6)
+        for a, b in zip(ranks[0][step][0], ranks[1][step][0]):
+            assert torch.equal(a, b)  # every worker steps from the same gradients
+    assert not [f for f in os.listdir(folder) if f.startswith(FILE_PREFIX)]
+
+
+def test_no_room_no_shared_memory(tmp_path):
+    assert shared_memory_room(1000, 2, tmp_path)
+    assert not shared_memory_room(10**15, 2, tmp_path)
+    assert not shared_memory_room(1000, 2, tmp_path / "missing")
+
+
+def test_workers_on_other_machines_keep_deepspeeds_all_reduce(tmp_path, monkeypatch, process_group):
+    """In the session's one-process group the host check sees one machine; patched, it sees several."""
+    import orchestrator.shared_grads as shared_grads
+
+    monkeypatch.setattr(shared_grads, "workers_share_this_machine", lambda: False)
+    assert shared_gradients_for([torch.nn.Parameter(torch.zeros(4))], tmp_path) is None
+    monkeypatch.undo()
+    made = shared_gradients_for([torch.nn.Parameter(torch.zeros(4))], tmp_path)
+    assert isinstance(made, SharedGradients) and not os.listdir(tmp_path)
