@@ -517,7 +517,8 @@ def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str
     run = client.get_run(outcome.run_id)
     timings = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
     return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
-            "best_window_samples_per_s": max(sps[1:]), "supervised_tokens": tokens, "run_id": outcome.run_id, "run_timings": timings}
+            "best_window_samples_per_s": max(sps[1:]), "supervised_tokens": tokens, "run_id": outcome.run_id, "run_timings": timings,
+            "grad_average": run.data.tags.get("orchestrator.stage0.grad_average")}
 
 
 def project_grpo(settings: BenchSettings, name: str, experiment: str) -> dict[str, Any]:
@@ -871,14 +872,22 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
             f"project runs each GRPO prompt once for its G samples (prefill and log-prob forwards), TRL once per "
             f"sample (the same log-probs); the project's SFT runs the last decoder layer's queries, attention and "
             f"MLP only from the first supervised position of a batch, TRL at every position (the same loss and "
-            f"gradients; compute efficiency still counts 6 × parameters × processed tokens); the project's "
-            f"workers run with malloc setting "
+            f"gradients; compute efficiency still counts 6 × parameters × processed tokens); "
+            f"{_grad_average_text(p_sft, s.workers)}the project's workers run with malloc setting "
             f"{_worker_malloc()}, TRL with {os.environ.get('GLIBC_TUNABLES', 'glibc default')} (set GLIBC_TUNABLES "
             f"to give both sides the same). TRL runs at the "
             f"niceness of the project's Ray workers ({os.environ.get('RAY_worker_niceness', RAY_WORKER_NICENESS)})."
         ],
     }
     return result
+
+
+def _grad_average_text(project_sft: dict[str, Any], workers: int) -> str:
+    """How the project's workers averaged their SFT gradients (the run's tag), against TRL's one process."""
+    how = project_sft.get("grad_average")
+    if workers < 2 or not how:
+        return ""
+    return f"the project's {workers} workers average their gradients ({how}), TRL's one process has none to average; "
 
 
 def _worker_malloc() -> str:

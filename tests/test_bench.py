@@ -285,3 +285,10 @@ def test_cli_scaling_needs_two_workers(capsys, monkeypatch):
     monkeypatch.setattr(bench, "run_scaling", lambda *a, **k: pytest.fail("compute started"))
     assert main(["bench", "--scaling", "--workers", "1"]) == 2
     assert "--scaling compares 1 worker with several" in capsys.readouterr().err
+
+
+def test_grad_average_text_names_the_runs_method_only_for_several_workers():
+    text = bench._grad_average_text({"grad_average": "shared memory"}, 2)
+    assert "2 workers average their gradients (shared memory)" in text and text.endswith("; ")
+    assert bench._grad_average_text({"grad_average": "shared memory"}, 1) == ""
+    assert bench._grad_average_text({}, 2) == ""  # an older run without the tag
