@@ -3,6 +3,7 @@ the same as gloo's all-reduce; nothing left in the folder; no room or several ma
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -79,3 +80,35 @@ def test_workers_on_other_machines_keep_deepspeeds_all_reduce(tmp_path, monkeypa
     monkeypatch.undo()
     made = shared_gradients_for([torch.nn.Parameter(torch.zeros(4))], tmp_path)
     assert isinstance(made, SharedGradients) and not os.listdir(tmp_path)
+
+
+def test_the_barrier_names_workers_that_never_come(tmp_path, monkeypatch, process_group):
+    """A worker that never posts its arrival: the others give up after the timeout, naming it."""
+    import numpy as np
+
+    import orchestrator.shared_grads as shared_grads
+
+    if not shared_grads.SPIN_BARRIER:
+        pytest.skip("this CPU keeps gloo's barrier")
+    monkeypatch.setattr(shared_grads, "YIELD_SECONDS", 0.01)
+    monkeypatch.setattr(shared_grads, "BARRIER_TIMEOUT_S", 0.05)
+    shared = SharedGradients([torch.nn.Parameter(torch.zeros(4))], tmp_path)
+    shared.wait_for_every_worker()  # alone: nobody to wait for
+    shared.world, shared.arrivals = 3, np.array([1, 0, 1])  # as if workers 1 and 2 existed, 1 late
+    shared.arrivals[2] = 2
+    with pytest.raises(RuntimeError, match=r"workers \[1\] did not reach step barrier 2 within"):
+        shared.wait_for_every_worker()
+
+
+def test_other_cpus_keep_gloos_barrier(tmp_path, monkeypatch, process_group):
+    import orchestrator.shared_grads as shared_grads
+
+    monkeypatch.setattr(shared_grads, "SPIN_BARRIER", False)
+    calls = []
+    monkeypatch.setattr(shared_grads.dist, "barrier", lambda: calls.append(1))
+    param = torch.nn.Parameter(torch.zeros(4))
+    shared = SharedGradients([param], tmp_path)
+    param.grad = torch.arange(4.0)
+    calls.clear()
+    shared.average_()
+    assert calls == [1] and torch.equal(param.grad, torch.arange(4.0)) and shared.barriers_passed == 0
