@@ -15,6 +15,7 @@ from orchestrator.models import add_lora_adapters, build_digit_tokenizer, is_lor
 from orchestrator.stages.common import (
     ReferencePolicy,
     build_engine,
+    clip_averaged_gradients_,
     full_parameters,
     gathered_state_dict,
     handoff_module,
@@ -71,6 +72,42 @@ def test_engine_steps_are_textbook_adamw(zero):
         schedule.step()
         optimizer.zero_grad()
     assert torch.allclose(logits_of(engine), logits_of(plain), atol=1e-5)
+
+
+def module_with_grads(*grads: list[float]) -> torch.nn.Module:
+    module = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(len(g))) for g in grads])
+    for p, g in zip(module, grads):
+        p.grad = torch.tensor(g)
+    return module
+
+
+def test_clipping_by_hand():
+    """Norm of (3, 4, 0) is 5: a limit of 1 scales by 1 / (5 + 1e-6); a limit of 10 leaves them alone."""
+    module = module_with_grads([3.0, 4.0], [0.0])
+    clip_averaged_gradients_(module, 1.0)
+    assert torch.allclose(module[0].grad, torch.tensor([0.6, 0.8])) and module[1].grad.tolist() == [0.0]
+    module = module_with_grads([3.0, 4.0], [0.0])
+    clip_averaged_gradients_(module, 10.0)
+    assert module[0].grad.tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_is_deepspeeds_without_its_collective(max_norm, monkeypatch):
+    """The same gradients as DeepSpeed's fp32 clipping, and no all-reduce; a ZeRO-0 fp32 engine uses it."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=g).flatten().tolist(), torch.randn(7, generator=g).tolist()]
+    theirs, ours = module_with_grads(*grads), module_with_grads(*grads)
+    clip_grad_norm_(list(theirs.parameters()), max_norm)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: pytest.fail("a collective"))
+    clip_averaged_gradients_(ours, max_norm)
+    for a, b in zip(theirs.parameters(), ours.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+    monkeypatch.undo()
+    model, _ = load_model_and_tokenizer(cfg_for(0).model, "tiny")
+    engine = build_engine(model, cfg_for(0).pipeline[0], cfg_for(0))
+    assert engine.clip_fp32_gradients.func is clip_averaged_gradients_
 
 
 @pytest.mark.parametrize("zero, lora", [(2, False), (3, False), (2, True), (3, True)])
