@@ -381,33 +381,59 @@ def render_grid(name: str, g: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_step_s(runs: list[dict[str, Any]], workers: int, key: str) -> float:
+    """The mean of `key` over the runs on `workers` workers (every round)."""
+    values = [r[key] for r in runs if r["workers"] == workers]
+    return sum(values) / len(values)
+
+
+def round_ratios(runs: list[dict[str, Any]], workers: int, key: str) -> list[float]:
+    """`key` on `workers` workers over `key` on 1, round by round."""
+    by_run = {(r.get("round", 1), r["workers"]): r[key] for r in runs}
+    return [ratio(by_run[(k, workers)], by_run[(k, 1)]) for k in sorted({k for k, _ in by_run})]
+
+
 def render_scaling(result: dict[str, Any]) -> str:
-    """Markdown: step time of the same global batch on 1 worker (all CPUs) and on N single-CPU workers."""
+    """Markdown: step time of the same global batch on 1 worker (all CPUs) and on N single-CPU workers,
+    one row per run; the ratio is of the mean step times over the rounds."""
     rows = result["runs"]
-    one, many = rows[0], rows[-1]
+    many = max(r["workers"] for r in rows)
+    rounds = max(r.get("round", 1) for r in rows)
     lines = [
-        f"Measured by `orchestrator bench --scaling --{result['mode']}` on {result['when']} ({result['machine']}); "
+        f"Measured by `orchestrator bench --scaling --{result['mode']}"
+        f"{f' --rounds {rounds}' if rounds > 1 else ''}` on {result['when']} ({result['machine']}); "
         f"model: {result['model']}. Same global batch on every row (SFT {result['sft_global']} samples, GRPO "
         f"{result['grpo_global']} prompts × {result['grpo_group']} samples per optimizer step); the project only "
-        f"(Ray Train + DeepSpeed). Ratio = step time with {many['workers']} workers / with 1 (at most 1: the "
-        f"second worker does not slow a step).",
+        f"(Ray Train + DeepSpeed). Ratio = step time with {many} workers / with 1 (at most 1: the "
+        f"second worker does not slow a step)"
+        + (f"; {rounds} rounds, in the order {', '.join(str(r['workers']) for r in rows)} workers, and the ratio of the "
+           f"mean step times." if rounds > 1 else "."),
         "",
         "| workers × CPUs, ZeRO stage | SFT s/step | SFT samples/s | GRPO s/step | GRPO samples/s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
+
+    def label(r: dict[str, Any]) -> str:
         zero = r.get("zero_stage", result.get("zero_stage"))
-        lines.append(f"| {r['workers']} × {r['cpus_per_worker']:g}, ZeRO-{zero} | {_num(r['sft_step_s'], 3)} | {_num(r['sft_samples_per_s'])} "
+        return f"{r['workers']} × {r['cpus_per_worker']:g}, ZeRO-{zero}" + (f", round {r['round']}" if rounds > 1 else "")
+
+    for r in rows:
+        lines.append(f"| {label(r)} | {_num(r['sft_step_s'], 3)} | {_num(r['sft_samples_per_s'])} "
                      f"| {_num(r['grpo_step_s'], 3)} | {_num(r['grpo_samples_per_s'])} |")
-    lines.append(f"| **ratio {many['workers']}/1** | **{_num(ratio(many['sft_step_s'], one['sft_step_s']), 2)}** | "
-                 f"| **{_num(ratio(many['grpo_step_s'], one['grpo_step_s']), 2)}** | |")
+    sft_ratio = ratio(mean_step_s(rows, many, "sft_step_s"), mean_step_s(rows, 1, "sft_step_s"))
+    grpo_ratio = ratio(mean_step_s(rows, many, "grpo_step_s"), mean_step_s(rows, 1, "grpo_step_s"))
+    lines.append(f"| **ratio {many}/1** | **{_num(sft_ratio, 2)}** | | **{_num(grpo_ratio, 2)}** | |")
+    if rounds > 1:
+        sft, grpo = (", ".join(_num(v, 2) for v in round_ratios(rows, many, key)) for key in ("sft_step_s", "grpo_step_s"))
+        lines += ["", f"Ratio in each round: SFT {sft}; GRPO {grpo}."]
     phases = [ph for ph in GRPO_PHASES if all(ph in r["grpo_phases"] for r in rows)]
     if phases:
         lines += ["", "GRPO step, per phase (s/step):", "",
                   "| workers | " + " | ".join(ph.replace("_", " ") for ph in phases) + " |",
                   "|---|" + "---:|" * len(phases)]
         for r in rows:
-            lines.append(f"| {r['workers']} | " + " | ".join(_num(r["grpo_phases"][ph], 4) for ph in phases) + " |")
+            name = f"{r['workers']}" + (f", round {r['round']}" if rounds > 1 else "")
+            lines.append(f"| {name} | " + " | ".join(_num(r["grpo_phases"][ph], 4) for ph in phases) + " |")
     if result.get("notes"):
         lines += [""] + result["notes"]
     return "\n".join(lines) + "\n"
@@ -898,24 +924,33 @@ def _worker_malloc() -> str:
     return os.environ.get("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES)
 
 
-def run_scaling(settings: BenchSettings, log=print) -> dict[str, Any]:
+def scaling_order(workers: int, rounds: int) -> list[int]:
+    """Worker counts in run order: 1 then `workers`, the order reversed every other round (1, N, N, 1, 1,
+    N...), so that a load drifting steadily through the bench weighs on both counts alike."""
+    return [w for r in range(rounds) for w in ((1, workers) if r % 2 == 0 else (workers, 1))]
+
+
+def run_scaling(settings: BenchSettings, log=print, rounds: int = 1) -> dict[str, Any]:
     """The project's SFT and GRPO steps at one global batch: 1 worker with every CPU, then
-    `settings.workers` workers with one share each."""
+    `settings.workers` workers with one share each; `rounds` times, in `scaling_order`."""
     import torch
 
+    if rounds < 1:
+        raise BenchError(f"--rounds must be 1 or more, got {rounds}")
     os.environ.setdefault("RAY_worker_niceness", "0")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     loads = {"start": os.getloadavg()[0]}
     runs = []
-    for workers in sorted({1, settings.workers}):
+    for k, workers in enumerate(scaling_order(settings.workers, rounds)):
         s = same_global_batch(settings, workers)
-        log(f"[bench] project, {workers} worker(s) x {s.cpus_per_worker:g} CPU: SFT micro-batch {s.sft_micro_batch}, "
-            f"GRPO B={s.grpo_prompts}")
-        sft = project_sft(s, f"bench-scaling-sft-{workers}w-{stamp}", "bench")
-        grpo = project_grpo(s, f"bench-scaling-grpo-{workers}w-{stamp}", "bench")
-        loads[f"after {workers} worker(s)"] = os.getloadavg()[0]
+        round_no = k // 2 + 1
+        log(f"[bench] project, round {round_no}/{rounds}, {workers} worker(s) x {s.cpus_per_worker:g} CPU: "
+            f"SFT micro-batch {s.sft_micro_batch}, GRPO B={s.grpo_prompts}")
+        sft = project_sft(s, f"bench-scaling-sft-{workers}w-r{round_no}-{stamp}", "bench")
+        grpo = project_grpo(s, f"bench-scaling-grpo-{workers}w-r{round_no}-{stamp}", "bench")
+        loads[f"after round {round_no} {workers} worker(s)" if rounds > 1 else f"after {workers} worker(s)"] = os.getloadavg()[0]
         runs.append({
-            "workers": workers, "cpus_per_worker": s.cpus_per_worker, "zero_stage": s.zero_stage,
+            "round": round_no, "workers": workers, "cpus_per_worker": s.cpus_per_worker, "zero_stage": s.zero_stage,
             "sft_step_s": sft["seconds"] / (s.sft_steps - s.sft_warmup), "sft_samples_per_s": sft["samples_per_s"],
             "grpo_step_s": grpo["step_s"], "grpo_samples_per_s": grpo["samples_per_s"], "grpo_phases": grpo["phases"],
         })

@@ -172,6 +172,10 @@ def cmd_bench(args) -> int:
             wall, cells = load_grid(args.grid, args.tracking_uri or default_tracking_uri(), args.experiment)
             print(render_grid(args.grid, grid_overhead(wall, cells)))
             return 0
+        if args.rounds != 1 and not args.scaling:
+            raise BenchError("--rounds repeats the --scaling runs; give --scaling too")
+        if args.rounds < 1:
+            raise BenchError(f"--rounds must be 1 or more, got {args.rounds}")
         if args.mode is None and args.write_readme and not args.scaling:  # only regenerate the README section
             write_readme(readme, out_dir)
             print(f"README section rewritten from the results in {out_dir}")
@@ -187,7 +191,7 @@ def cmd_bench(args) -> int:
         if args.scaling:
             if settings.workers < 2:
                 raise BenchError("--scaling compares 1 worker with several; give --workers 2 or more (default 2)")
-            result, kind = run_scaling(settings, log=log), "scaling-"
+            result, kind = run_scaling(settings, log=log, rounds=args.rounds), "scaling-"
         else:
             check_trl()
             result, kind = run_bench(settings, out_dir, log=log), ""
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "every worker count)")
     p.add_argument("--scaling", action="store_true",
                    help="instead of TRL: the project's step time at one global batch on 1 worker and on --workers workers")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="with --scaling: N rounds of 1 worker and --workers workers, the order reversed every other "
+                   "round (1, 2, 2, 1...) so a drifting load weighs on both alike; the ratio is of the mean step times")
     p.add_argument("--write-readme", action="store_true",
                    help="replace the README's Performance section with the results in results/bench (quick, full, scaling)")
     p.add_argument("--grid", metavar="SWEEP", help="instead: wall time vs compute and the overhead split of a finished sweep")

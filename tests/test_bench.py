@@ -270,6 +270,23 @@ def test_render_scaling_rows_and_ratios():
     assert "| 1 | 5.0000 | 2.5000 |" in text and text.rstrip().endswith("load fine")
 
 
+def test_scaling_rounds_alternate_their_order():
+    assert bench.scaling_order(2, 1) == [1, 2]
+    assert bench.scaling_order(2, 3) == [1, 2, 2, 1, 1, 2]
+
+
+def test_render_scaling_over_rounds_gives_the_ratio_of_means_and_each_rounds():
+    result = scaling_result()
+    result["runs"] = [dict(scaling_run(1, 4.0, 10.0), round=1), dict(scaling_run(2, 3.0, 12.5), round=1),
+                      dict(scaling_run(2, 5.0, 9.5), round=2), dict(scaling_run(1, 6.0, 10.0), round=2)]
+    text = bench.render_scaling(result)
+    assert "--scaling --full --rounds 2`" in text and "in the order 1, 2, 2, 1 workers" in text
+    assert "| 2 × 1, ZeRO-2, round 2 | 5.000 | 1.6 | 9.500 | 3.4 |" in text
+    assert "| **ratio 2/1** | **0.80** | | **1.10** | |" in text  # (3 + 5) / (4 + 6); (12.5 + 9.5) / 20
+    assert "Ratio in each round: SFT 0.75, 0.83; GRPO 1.25, 0.95." in text
+    assert "| 1, round 2 | 5.0000 | 2.5000 |" in text
+
+
 def test_readme_body_takes_every_result_in_order(tmp_path):
     with pytest.raises(BenchError, match="no bench result"):
         bench.readme_body(tmp_path)
@@ -285,6 +302,17 @@ def test_cli_scaling_needs_two_workers(capsys, monkeypatch):
     monkeypatch.setattr(bench, "run_scaling", lambda *a, **k: pytest.fail("compute started"))
     assert main(["bench", "--scaling", "--workers", "1"]) == 2
     assert "--scaling compares 1 worker with several" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--quick", "--rounds", "2"], "--rounds repeats the --scaling runs; give --scaling too"),
+    (["bench", "--scaling", "--rounds", "0"], "--rounds must be 1 or more, got 0"),
+])
+def test_cli_rounds_only_with_scaling_and_at_least_one(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_scaling", lambda *a, **k: pytest.fail("compute started"))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("compute started"))
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_grad_average_text_names_the_runs_method_only_for_several_workers():
