@@ -92,9 +92,10 @@ class BenchSettings:
 # Project workers per mode when --workers is not given (at most the CPUs), as measured on 2 CPUs: the
 # tiny model runs faster as 2 single-threaded workers than as 1 worker with 2 threads (best-window SFT
 # 338 vs 204 samples/s, GRPO 180 vs 122: it gains little from a second thread); SmolLM2-135M's SFT step
-# is faster on 1 worker, whose 2 threads already reach ~88% of the matmul peak, its GRPO step on 2
-# (`orchestrator bench --scaling --full`, 2026-11-23: SFT 4.33 vs 4.82 s, GRPO 15.6 vs 14.3 s), and one
-# worker leaves the 540 MB gradient average out of the comparison with TRL.
+# takes as long on 1 worker, whose 2 threads already reach ~88% of the matmul peak, as on 2, its GRPO
+# step a little less on 2 (`orchestrator bench --scaling --full --rounds 2`, 2026-11-24: SFT 4.05 vs
+# 4.03 s, GRPO 12.76 vs 12.36 s), and one worker leaves the 540 MB gradient average out of the
+# comparison with TRL.
 DEFAULT_WORKERS = {"quick": 2, "full": 1}
 
 
