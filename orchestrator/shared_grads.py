@@ -32,8 +32,9 @@ FILE_PREFIX = "orchestrator-grads-"
 BYTES_PER_GRADIENT = 4  # fp32: the CPU path trains in fp32
 CACHE_LINE = 64  # each worker's arrival count on a line of its own: no worker's write evicts another's
 # x86-64 makes a process's stores visible to others in program order: a worker that reads another's
-# arrival count also reads the row written before it. Other CPUs would need a fence Python cannot issue,
-# so there the barrier stays gloo's.
+# arrival count also reads the row written before it (copies that use non-temporal stores, as glibc's
+# memcpy does for large ones, end with a fence of their own). Other CPUs would need a fence Python cannot
+# issue, so there the barrier stays gloo's.
 SPIN_BARRIER = platform.machine().lower() in ("x86_64", "amd64")
 YIELD_SECONDS = 1.0  # a wait longer than this (a checkpoint on one worker) polls every millisecond instead
 BARRIER_TIMEOUT_S = 1800.0  # torch.distributed's default timeout: a worker that never comes is an error
