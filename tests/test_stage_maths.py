@@ -9,6 +9,8 @@
   each prompt run once for its G samples (a repeated key/value cache), against whole rows.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -35,10 +37,10 @@ def model_and_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def last_layer_model_and_tokenizer():
-    """The same tiny model, its last decoder layer computed from the first supervised position on."""
-    cfg = load_run_config(overrides=["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
-    model, tokenizer = load_model_and_tokenizer(cfg.model, "tiny")
+def last_layer_model_and_tokenizer(model_and_tokenizer):
+    """A copy of the same tiny model, its last decoder layer computed from the first supervised position on."""
+    model, tokenizer = model_and_tokenizer
+    model = copy.deepcopy(model)
     assert enable_last_layer_from(model)
     return model.train(), tokenizer
 
