@@ -157,13 +157,17 @@ def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
             time.sleep(1)
         head_id = next(n["node_id"] for n in ray_list("nodes") if n["is_head_node"])
 
+        # Long enough that the node is lost mid-training on a fast machine too: 80 steps took ~4 s here, less
+        # than two polls of where the workers run, and the tracking store lags training (a kill at logged
+        # step 50 found the remote cell at step 120). By step 50 the step-20 checkpoint is long registered.
+        steps, kill_from_step = 400, 50
         (home).mkdir(parents=True, exist_ok=True)
         ablation = home / "two-node.yaml"
         ablation.write_text(yaml.safe_dump({
             "name": "two-node",
             "overrides": ["data.train_size=600", "data.max_per_label=2", "data.many_threshold=12",
                           "data.few_threshold=4", "eval.max_samples=24", "eval.max_new_tokens=24",
-                          "stages.sft.steps=80", "stages.sft.lr=3e-3", "stages.sft.micro_batch_size=8",
+                          f"stages.sft.steps={steps}", "stages.sft.lr=3e-3", "stages.sft.micro_batch_size=8",
                           "checkpoint.every_steps=20", "tracking.log_every=10", "scaling.num_workers=1"],
             "axes": {"seed": [1, 2]},
             "max_failures": 3,
@@ -172,19 +176,26 @@ def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
             [sys.executable, "-m", "orchestrator.cli", "sweep", str(ablation)], cwd=repo, env=cluster_env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        # Kill the second node once one of the cells' workers runs there and has checkpointed.
+        # Kill the second node once one of the cells' workers runs there, both cells have checkpointed, and
+        # neither has finished training. Where a worker runs is asked once (each `ray list` is a ~2 s process);
+        # the steps are then polled in the tracking store, which is fast, so the kill lands mid-training.
         store = MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert sweep.poll() is None, "the sweep ended before the node was lost:\n" + sweep.stdout.read()
-            workers = ray_list("actors", class_name="RayTrainWorker", state="ALIVE")
-            remote = [w for w in workers if w["node_id"] != head_id]
+
+        def cell_steps() -> dict[str, int]:
             exp = store.get_experiment_by_name("two-node") if (home / "mlruns" / "mlflow.db").exists() else None
             runs = store.search_runs([exp.experiment_id]) if exp else []
-            checkpointed = [r for r in runs if any(m.step >= 30 for m in store.get_metric_history(r.info.run_id, "train/loss"))]
-            if remote and len(checkpointed) == 2:  # whichever cell runs there has a checkpoint to resume from
-                break
-            time.sleep(1)
+            return {r.info.run_id: max((m.step for m in store.get_metric_history(r.info.run_id, "train/loss")), default=0)
+                    for r in runs if "orchestrator.cell" in r.data.tags and r.info.status == "RUNNING"}
+
+        deadline = time.time() + 600
+        while not any(w["node_id"] != head_id for w in ray_list("actors", class_name="RayTrainWorker", state="ALIVE")):
+            assert sweep.poll() is None, "the sweep ended before the node was lost:\n" + sweep.stdout.read()
+            assert time.time() < deadline, "no training worker ever ran on the second node"
+            time.sleep(0.5)
+        while not (len(at_kill := cell_steps()) == 2 and all(s >= kill_from_step for s in at_kill.values())):
+            assert sweep.poll() is None, "the sweep ended before the node was lost:\n" + sweep.stdout.read()
+            assert time.time() < deadline, f"the cells never both reached step {kill_from_step}: {cell_steps()}"
+            time.sleep(0.1)
         os.killpg(node2.pid, signal.SIGKILL)  # the node and everything on it, without a goodbye
         node2.wait(timeout=60)
 
@@ -194,10 +205,10 @@ def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
                 if "orchestrator.cell" in r.data.tags]
         assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # one run per cell, both done
         resumed = [r for r in runs if "orchestrator.resumed_from" in r.data.tags]
-        assert resumed, "no cell was restarted from a checkpoint after the node loss"
+        assert resumed, f"no cell was restarted from a checkpoint after the node loss (steps at the kill: {at_kill})"
         for run in runs:
-            steps = {m.step for m in store.get_metric_history(run.info.run_id, "train/loss")}
-            assert steps == set(range(10, 81, 10)), steps  # no gap
+            logged = {m.step for m in store.get_metric_history(run.info.run_id, "train/loss")}
+            assert logged == set(range(10, steps + 1, 10)), logged  # no gap
             assert math.isfinite(run.data.metrics["test/all/mae"])
         assert len(ray_list("nodes", state="ALIVE")) == 1
     finally:
