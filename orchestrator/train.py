@@ -169,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ctx, stage, start_step if resuming else 0, resume_dir if resuming else None
         )
         if logger is not None and world > 1:  # how this stage's gradients were averaged over the workers
-            how = "shared memory" if getattr(engine, "shared_gradients", None) is not None else "deepspeed"
+            how = "shared memory" if engine.shared_gradients is not None else "deepspeed"
             logger.set_tag(f"orchestrator.stage{index}.grad_average", how)
         offset += stage.steps
 

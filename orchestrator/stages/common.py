@@ -122,8 +122,9 @@ def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
         optimizer, lambda s: lr_factor(s, stage.warmup_steps, stage.steps, stage.lr_schedule)
     )
     config = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)
+    fp32_zero0 = config["zero_optimization"]["stage"] == 0 and not config["bf16"]["enabled"]
     shared = None
-    if uses_shared_memory_grads(cfg, bf16=config["bf16"]["enabled"]):
+    if fp32_zero0 and uses_shared_memory_grads(cfg):
         shared = shared_gradients_for(trainable)  # None where workers span machines or /dev/shm is small
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -135,7 +136,7 @@ def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
     if shared is not None:
         engine.enable_backward_allreduce = False  # optimizer_step averages through shared memory instead
     engine.shared_gradients = shared
-    if config["zero_optimization"]["stage"] == 0 and not config["bf16"]["enabled"]:
+    if fp32_zero0:
         # DeepSpeed clips fp32 ZeRO-0 gradients itself (engine.clip_fp32_gradients); this one gives the
         # same scale without its collective.
         engine.clip_fp32_gradients = functools.partial(clip_averaged_gradients_, engine.module, config["gradient_clipping"])
@@ -158,21 +159,20 @@ def clip_averaged_gradients_(module: torch.nn.Module, max_norm: float) -> None:
             grad.mul_(scale.to(grad.dtype))
 
 
-def uses_shared_memory_grads(cfg: RunConfig, bf16: bool) -> bool:
-    """Whether a stage's gradients may be averaged through shared memory (orchestrator/shared_grads.py):
-    fp32 ZeRO-0 on CPU, more than one worker, and the setting on."""
+def uses_shared_memory_grads(cfg: RunConfig) -> bool:
+    """Whether an fp32 ZeRO-0 stage's gradients may be averaged through shared memory
+    (orchestrator/shared_grads.py): on CPU, more than one worker, and the setting on."""
     return (
-        cfg.deepspeed.shared_memory_grads and cfg.deepspeed.zero_stage == 0 and not cfg.scaling.use_gpu
-        and not bf16 and dist.is_initialized() and dist.get_world_size() > 1
+        cfg.deepspeed.shared_memory_grads and not cfg.scaling.use_gpu
+        and dist.is_initialized() and dist.get_world_size() > 1
     )
 
 
 def optimizer_step(engine) -> None:
     """engine.step(); at a gradient-accumulation boundary, after averaging the gradients through shared
     memory where build_engine set that up (DeepSpeed's own all-reduce is then off)."""
-    shared = getattr(engine, "shared_gradients", None)
-    if shared is not None and engine.is_gradient_accumulation_boundary():
-        shared.average_()
+    if engine.shared_gradients is not None and engine.is_gradient_accumulation_boundary():
+        engine.shared_gradients.average_()
     engine.step()
 
 
