@@ -507,7 +507,7 @@ def project_config(settings: BenchSettings, kind: str, name: str, experiment: st
 def encoded_train(cfg, model_source: str | None = None):
     """(built dataset, tokenizer, encoded train examples) exactly as the SFT stage encodes them."""
     from orchestrator.data import build_dataset
-    from orchestrator.models import load_tokenizer, resolve_source
+    from orchestrator.modeling.models import load_tokenizer, resolve_source
     from orchestrator.stages.sft import encode_split
 
     built = build_dataset(cfg.data)
@@ -529,8 +529,8 @@ def _discard_run_storage(cfg) -> None:
 
 
 def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str, Any]:
-    from orchestrator.tracking import tracking_client
-    from orchestrator.train import run_training
+    from orchestrator.runtime.driver import run_training
+    from orchestrator.tracking.conventions import tracking_client
 
     cfg = project_config(settings, "sft", name, experiment)
     outcome = run_training(cfg)
@@ -550,8 +550,8 @@ def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str
 
 
 def project_grpo(settings: BenchSettings, name: str, experiment: str) -> dict[str, Any]:
-    from orchestrator.tracking import tracking_client
-    from orchestrator.train import run_training
+    from orchestrator.runtime.driver import run_training
+    from orchestrator.tracking.conventions import tracking_client
 
     cfg = project_config(settings, "grpo", name, experiment)
     outcome = run_training(cfg)
@@ -643,7 +643,7 @@ def _load_for_trl(spec: dict[str, Any]):
     import torch
 
     from orchestrator.config import RunConfig
-    from orchestrator.models import load_model_and_tokenizer
+    from orchestrator.modeling.models import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
     cfg = RunConfig.model_validate(spec["config"])
@@ -713,8 +713,8 @@ def trl_grpo(spec: dict[str, Any]) -> dict[str, Any]:
 
     from orchestrator.data import build_dataset
     from orchestrator.data.collate import micro_batch_indices
-    from orchestrator.evaluate import parse_answer
-    from orchestrator.rewards import mae_reward
+    from orchestrator.methods.answers import parse_answer
+    from orchestrator.methods.rewards import mae_reward
 
     cfg, model, tokenizer = _load_for_trl(spec)
     s = spec["settings"]
@@ -787,7 +787,7 @@ def _machine() -> str:
 def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, Any]:
     import torch
 
-    from orchestrator.models import resolve_source
+    from orchestrator.modeling.models import resolve_source
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     experiment = "bench"
@@ -920,7 +920,7 @@ def _grad_average_text(project_sft: dict[str, Any], workers: int) -> str:
 
 def _worker_malloc() -> str:
     """The malloc setting init_ray gives the project's workers: the user's GLIBC_TUNABLES, else the project's."""
-    from orchestrator.train import WORKER_MALLOC_TUNABLES
+    from orchestrator.runtime.ray_setup import WORKER_MALLOC_TUNABLES
 
     return os.environ.get("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES)
 
@@ -1008,7 +1008,8 @@ def load_grid(sweep: str, tracking_uri: str, experiment: str | None = None) -> t
     """(sweep wall seconds, {cell: metrics}) of the latest sweep named `sweep`."""
     from mlflow import MlflowClient
 
-    from orchestrator.tables import PARENT_TAG, ROLE_TAG, SWEEP_TAG, _check_store
+    from orchestrator.reporting.tables import _check_store
+    from orchestrator.tracking.conventions import PARENT_TAG, ROLE_TAG, SWEEP_TAG
 
     try:
         _check_store(tracking_uri)

@@ -20,21 +20,21 @@ from pydantic import ValidationError
 
 from orchestrator.bench import BENCH_ZERO_STAGE  # light: the bench's heavy imports are inside its functions
 from orchestrator.config import ConfigError, DataConfig, _format_validation_error, load_run_config
-from orchestrator.tracking import TrackingUnavailable  # light: mlflow is imported inside the functions
+from orchestrator.tracking.logger import TrackingUnavailable  # light: mlflow is imported inside the functions
 
 EXIT_USER_ERROR = 2
 
 
 def _run_failures():
-    from orchestrator.train import RunFailed
+    from orchestrator.runtime.driver import RunFailed
 
     return (TrackingUnavailable, RunFailed)
 
 
 def _user_errors():
     from orchestrator.data import DataError
-    from orchestrator.models import ModelError
-    from orchestrator.tables import TablesError
+    from orchestrator.modeling.models import ModelError
+    from orchestrator.reporting.tables import TablesError
 
     return (ConfigError, DataError, ModelError, TablesError, FileNotFoundError)
 
@@ -64,7 +64,7 @@ def format_metrics_table(metrics: dict[str, float], splits=("val", "test")) -> s
 
 
 def cmd_train(args) -> int:
-    from orchestrator.train import run_training
+    from orchestrator.runtime.driver import run_training
 
     cfg = load_run_config(args.config, args.overrides)
     start = time.perf_counter()
@@ -100,7 +100,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from orchestrator.tracking import default_tracking_uri, ensure_store
+    from orchestrator.tracking.conventions import default_tracking_uri, ensure_store
 
     uri = default_tracking_uri()
     ensure_store(uri)
@@ -111,8 +111,8 @@ def cmd_ui(args) -> int:
 
 
 def cmd_tables(args) -> int:
-    from orchestrator.tables import default_out_dir, write_tables
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.reporting.tables import default_out_dir, write_tables
+    from orchestrator.tracking.conventions import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     out = args.out or default_out_dir(args.experiment)
@@ -125,7 +125,8 @@ def cmd_tables(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from orchestrator.sweep import format_cells, plan_sweep, run_sweep
+    from orchestrator.sweep.grid import format_cells
+    from orchestrator.sweep.tune import plan_sweep, run_sweep
 
     if args.dry_run:
         ablation, _, cells, notes, experiment, uri = plan_sweep(args.ablation, args.overrides)
@@ -149,7 +150,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_resend(args) -> int:
-    from orchestrator.tracking import resend_spool
+    from orchestrator.tracking.logger import resend_spool
 
     sent = resend_spool(args.spool, args.tracking_uri)
     print(f"sent {sent} saved metric/tag/artifact entries from {args.spool}")
@@ -158,8 +159,16 @@ def cmd_resend(args) -> int:
 
 def cmd_bench(args) -> int:
     from orchestrator.bench import (
-        BenchError, check_trl, grid_overhead, load_grid, render_grid, run_bench, run_scaling, settings_for,
-        write_readme, write_result,
+        BenchError,
+        check_trl,
+        grid_overhead,
+        load_grid,
+        render_grid,
+        run_bench,
+        run_scaling,
+        settings_for,
+        write_readme,
+        write_result,
     )
     from orchestrator.config import resolve_path
 
@@ -167,7 +176,7 @@ def cmd_bench(args) -> int:
         out_dir = Path(resolve_path("results/bench"))
         readme = Path(__file__).resolve().parent.parent / "README.md"
         if args.grid:
-            from orchestrator.tracking import default_tracking_uri
+            from orchestrator.tracking.conventions import default_tracking_uri
 
             wall, cells = load_grid(args.grid, args.tracking_uri or default_tracking_uri(), args.experiment)
             print(render_grid(args.grid, grid_overhead(wall, cells)))

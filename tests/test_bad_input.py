@@ -31,8 +31,9 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import load_run_config
-from orchestrator.evaluate import PARSE_POLICIES, evaluate_texts, parse_answer
-from orchestrator.tracking import RUN_KEY_TAG, run_key
+from orchestrator.methods.answers import PARSE_POLICIES, parse_answer
+from orchestrator.methods.metrics import evaluate_texts
+from orchestrator.tracking.conventions import RUN_KEY_TAG, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
 # A text manifest of 30 rows over 4 label bins (12/9/6/3): the DIR protocol can cut val and test from it.
@@ -153,7 +154,7 @@ def world(tmp_path, monkeypatch, template_store) -> World:
     def no_compute(*args, **kwargs):
         raise ComputeStarted("a bad input reached compute: Ray was about to start")
 
-    monkeypatch.setattr("orchestrator.train.init_ray", no_compute)
+    monkeypatch.setattr("orchestrator.runtime.driver.init_ray", no_compute)
     w = World(home, monkeypatch)
     w.write_jsonl("text.jsonl", [{"prompt": f"question {i}", "target": t} for i, t in enumerate(TARGETS)])
     # The earlier attempt: its store (its run has this home's run key, so a slip would resume it), its results
@@ -233,7 +234,7 @@ def model_dir(name: str, config: dict | str | None = LLAMA_CONFIG, weights: bool
 
             save_file({"lm_head.weight": torch.zeros(2, 2)}, str(d / "model.safetensors"))
         if tokenizer == "digits":
-            from orchestrator.models import build_digit_tokenizer
+            from orchestrator.modeling.models import build_digit_tokenizer
 
             build_digit_tokenizer().save_pretrained(d)
         elif tokenizer == "merging":
@@ -260,7 +261,9 @@ def earlier_sweep(w: World) -> None:
     """`sweep abl.yaml` ran before and was interrupted: its parent run exists, FAILED, with its artifacts."""
     from mlflow import MlflowClient
 
-    from orchestrator.sweep import base_fingerprint, base_values, open_parent, plan_sweep
+    from orchestrator.sweep.grid import base_fingerprint, base_values
+    from orchestrator.sweep.resume import open_parent
+    from orchestrator.sweep.tune import plan_sweep
 
     path = w.write_yaml("abl.yaml", {"name": "abl", "base": ABLATION_BASE, "axes": {"seed": [1, 2]}})
     abl, tree, cells, _, experiment, uri = plan_sweep(path)
@@ -501,7 +504,7 @@ def test_bad_input_is_refused_before_compute(case: Case, world: World, capsys):
 def test_the_same_world_with_good_input_passes_every_check(world):
     """The control: what the cases break is all that is wrong with them (the home, data and a local model
     directory themselves are fine)."""
-    from orchestrator.train import prepare_run
+    from orchestrator.runtime.preflight import prepare_run
 
     model_dir("m")(world)
     prepared = prepare_run(load_run_config(overrides=[*DATA, "model.source=./m"]))
@@ -513,7 +516,7 @@ def test_the_safety_net_a_failure_after_the_run_exists_marks_it_failed_never_run
     and on the failure marks it FAILED again with the error as a tag: no run is ever left RUNNING."""
     from mlflow import MlflowClient
 
-    from orchestrator.train import run_training
+    from orchestrator.runtime.driver import run_training
 
     with pytest.raises(Exception, match="a bad input reached compute"):  # as raised, or wrapped with the run's name
         run_training(load_run_config(overrides=DATA))
@@ -589,7 +592,7 @@ def test_the_parser_reads_the_blocks_the_documented_pattern_reads():
     documented grammar) on any tag soup."""
     import random
 
-    from orchestrator.evaluate import ANSWER_RE, NUMBER_RE
+    from orchestrator.methods.answers import ANSWER_RE, NUMBER_RE
 
     pieces = ["<answer>", "</answer>", "<answer", "answer>", "</answer", "7", "2.5", "-1e3", " ", "x", "\n"]
     rng = random.Random(6)

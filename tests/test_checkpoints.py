@@ -2,8 +2,8 @@
 
 import json
 
-from orchestrator.checkpoints import STATE_FILE, quarantine_incomplete, verify_checkpoint, write_manifest
-from orchestrator.train import root_cause
+from orchestrator.engine.checkpoints import STATE_FILE, quarantine_incomplete, verify_checkpoint, write_manifest
+from orchestrator.runtime.driver import root_cause
 
 
 def fake_checkpoint(folder, world_size=2):

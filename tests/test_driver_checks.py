@@ -3,8 +3,9 @@
 import pytest
 
 from orchestrator.config import ConfigError, load_run_config, resolve_path
-from orchestrator.models import build_digit_tokenizer
-from orchestrator.train import WORKER_MALLOC_TUNABLES, answer_token_length, check_generation_budgets, worker_env_vars
+from orchestrator.modeling.models import build_digit_tokenizer
+from orchestrator.runtime.preflight import answer_token_length, check_generation_budgets
+from orchestrator.runtime.ray_setup import WORKER_MALLOC_TUNABLES, worker_env_vars
 
 
 def test_answer_token_length_with_the_digit_tokenizer():
@@ -44,7 +45,7 @@ def test_relative_paths_follow_orchestrator_home(tmp_path, monkeypatch):
 
 
 def test_unknown_or_unimportable_rewards_are_refused_before_compute():
-    from orchestrator.train import check_rewards
+    from orchestrator.runtime.preflight import check_rewards
 
     check_rewards(load_run_config(overrides=["pipeline=sft:ce -> grpo:ccc+format"]))
     check_rewards(load_run_config(overrides=["pipeline=grpo:tests.custom_rewards:brevity"]))

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import free_ports
-
-from orchestrator.train import run_training
+from mlflow import MlflowClient
 from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+
+from orchestrator.runtime.driver import run_training
 
 pytestmark = pytest.mark.e2e
 
@@ -309,8 +308,8 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, 
     import json
     import subprocess
 
-    from orchestrator.checkpoints import verify_checkpoint
-    from orchestrator.train import RunFailed
+    from orchestrator.engine.checkpoints import verify_checkpoint
+    from orchestrator.runtime.driver import RunFailed
 
     disk = tmp_path / "disk"
     disk.mkdir()

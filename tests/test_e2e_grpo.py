@@ -4,9 +4,9 @@ import math
 
 import pytest
 from mlflow import MlflowClient
-
-from orchestrator.train import run_training
 from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+
+from orchestrator.runtime.driver import run_training
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.config import load_run_config
-from orchestrator.train import WORKER_MALLOC_TUNABLES, run_training
+from orchestrator.runtime.driver import run_training
+from orchestrator.runtime.ray_setup import WORKER_MALLOC_TUNABLES
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +35,7 @@ TINY_RUN = [
 def ray_cluster():
     import ray
 
-    from orchestrator.train import init_ray
+    from orchestrator.runtime.ray_setup import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -6,10 +6,10 @@ import math
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
-
-from orchestrator.evaluate import parse_answer
-from orchestrator.train import run_training
 from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+
+from orchestrator.methods.answers import parse_answer
+from orchestrator.runtime.driver import run_training
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.grpo import clipped_policy_loss, group_advantages, grpo_loss_terms, kl_estimate
+from orchestrator.methods.grpo import clipped_policy_loss, group_advantages, grpo_loss_terms, kl_estimate
 
 
 def test_group_advantages_by_hand():

@@ -11,17 +11,16 @@ import pytest
 import torch
 
 from orchestrator.config import load_run_config
-from orchestrator.models import add_lora_adapters, build_digit_tokenizer, is_lora_model, load_model_and_tokenizer
-from orchestrator.stages.common import (
-    ReferencePolicy,
-    build_engine,
-    clip_averaged_gradients_,
-    full_parameters,
-    gathered_state_dict,
-    handoff_module,
-    lr_factor,
+from orchestrator.engine.deepspeed import build_engine, clip_averaged_gradients_, full_parameters
+from orchestrator.engine.handoff import gathered_state_dict, handoff_module
+from orchestrator.engine.reference import ReferencePolicy
+from orchestrator.methods.schedules import lr_factor
+from orchestrator.modeling.models import (
+    add_lora_adapters,
+    build_digit_tokenizer,
+    is_lora_model,
+    load_model_and_tokenizer,
 )
-
 
 pytestmark = pytest.mark.usefixtures("process_group")  # a one-process gloo group (tests/conftest.py)
 

@@ -13,7 +13,14 @@ from orchestrator.cli import main
 from orchestrator.config import DataConfig, DigitCountConfig
 from orchestrator.data import build_dataset, load_image
 from orchestrator.data.builder import IMAGE_SCHEMA, SCHEMA
-from orchestrator.data.digit_count import PROMPT, digit_count_frame, digit_glyphs, generate, place_digits, power_law_probs
+from orchestrator.data.digit_count import (
+    PROMPT,
+    digit_count_frame,
+    digit_glyphs,
+    generate,
+    place_digits,
+    power_law_probs,
+)
 from orchestrator.data.images import decode_base64, encode_png, inspect_image, summarize_images
 from orchestrator.data.protocol import region_of_count
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-
 from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,7 +379,7 @@ def test_ray_job_submit_to_the_scripted_head(tmp_path):
         # What a driver sees: the head's environment (ORCHESTRATOR_HOME, the venv's python first on
         # PATH) plus the job's own env_vars, which may repeat one init_ray sets without a conflict.
         probe_code = (
-            "import os, shutil, sys; from orchestrator.train import init_ray; init_ray(); "
+            "import os, shutil, sys; from orchestrator.runtime.ray_setup import init_ray; init_ray(); "
             "print('PROBE', os.environ['ORCHESTRATOR_HOME'], shutil.which('python'), sys.executable, "
             "os.environ['OMP_NUM_THREADS'], os.getcwd())"
         )

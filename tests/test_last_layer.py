@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from orchestrator.last_layer import KEYWORD, enable_last_layer_from, takes_last_layer_from
+from orchestrator.modeling.last_layer import KEYWORD, enable_last_layer_from, takes_last_layer_from
 
 VOCAB = 50
 

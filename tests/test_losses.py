@@ -5,9 +5,18 @@ import math
 import pytest
 import torch
 
-from orchestrator.losses import (
-    DIGIT_CHARS, SFT_LOSSES, ce_loss, digit_places, digit_values, dist2_loss, dist2_target, psi_distribution,
-    sft_loss, softlabel_loss, softlabel_target,
+from orchestrator.methods.losses import (
+    DIGIT_CHARS,
+    SFT_LOSSES,
+    ce_loss,
+    digit_places,
+    digit_values,
+    dist2_loss,
+    dist2_target,
+    psi_distribution,
+    sft_loss,
+    softlabel_loss,
+    softlabel_target,
 )
 
 # A toy vocabulary of 12 tokens: ids 2..11 are the digits 0..9, ids 0 and 1 are regular tokens.

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.evaluate import dir_metrics, evaluate_texts, format_answer, parse_answer, resolve_parse_failures
+from orchestrator.methods.answers import format_answer, parse_answer, resolve_parse_failures
+from orchestrator.methods.metrics import dir_metrics, evaluate_texts
 
 
 @pytest.mark.parametrize(

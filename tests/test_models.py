@@ -12,9 +12,15 @@ from orchestrator.data.collate import (
     stream_indices,
     supervised_counts,
 )
-from orchestrator.generation import decode_completions, generate, shared_prompt_cache, truncate_at_eos
-from orchestrator.last_layer import enable_last_layer_from
-from orchestrator.models import ModelError, build_digit_tokenizer, digit_token_ids, load_model_and_tokenizer, resolve_source
+from orchestrator.modeling.generation import decode_completions, generate, shared_prompt_cache, truncate_at_eos
+from orchestrator.modeling.last_layer import enable_last_layer_from
+from orchestrator.modeling.models import (
+    ModelError,
+    build_digit_tokenizer,
+    digit_token_ids,
+    load_model_and_tokenizer,
+    resolve_source,
+)
 
 
 def test_digit_tokenizer_splits_numbers_and_round_trips():

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from orchestrator.plots import FILES, cell_plots
+from orchestrator.reporting.plots import FILES, cell_plots
 
 
 def predictions(targets, preds, regions=None) -> pa.Table:

@@ -3,8 +3,14 @@
 import pytest
 
 from orchestrator.config import GRPOStage
-from orchestrator.rewards import (
-    RewardContext, accuracy_reward, batch_ccc_rewards, ccc, compute_rewards, format_reward, mae_reward,
+from orchestrator.methods.metrics import ccc
+from orchestrator.methods.rewards import (
+    RewardContext,
+    accuracy_reward,
+    batch_ccc_rewards,
+    compute_rewards,
+    format_reward,
+    mae_reward,
     resolve_reward,
 )
 

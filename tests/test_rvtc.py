@@ -10,14 +10,7 @@ from PIL import Image
 from orchestrator.config import ConfigError, ModelConfig, load_run_config
 from orchestrator.data.collate import chat_prompt_ids, collate_rvtc
 from orchestrator.data.images import encode_png
-from orchestrator.models import (
-    add_lora_adapters,
-    build_digit_tokenizer,
-    load_image_processor,
-    load_model_and_tokenizer,
-    merge_lora_adapters,
-)
-from orchestrator.rvtc import (
+from orchestrator.methods.rvtc import (
     RvtcHead,
     attach_rvtc_head,
     bin_centres,
@@ -28,8 +21,15 @@ from orchestrator.rvtc import (
     nearest_bins,
     rvtc_loss,
 )
-from orchestrator.train import check_generation_budgets
-from orchestrator.vision import ImageBatch
+from orchestrator.modeling.models import (
+    add_lora_adapters,
+    build_digit_tokenizer,
+    load_image_processor,
+    load_model_and_tokenizer,
+    merge_lora_adapters,
+)
+from orchestrator.modeling.vision import ImageBatch
+from orchestrator.runtime.preflight import check_generation_budgets
 
 # ------------------------------------------------------------------ maths by hand
 
@@ -171,7 +171,8 @@ def test_a_model_answering_through_its_head_has_no_generation_budget_to_check():
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_head_is_trained_checkpointed_and_restored_with_the_engine(tmp_path, process_group, zero):
-    from orchestrator.stages.common import build_engine, full_parameters, handoff_module
+    from orchestrator.engine.deepspeed import build_engine, full_parameters
+    from orchestrator.engine.handoff import handoff_module
 
     cfg = load_run_config(overrides=["pipeline=sft:rvtc", "pipeline.0.lr=1e-2", f"deepspeed.zero_stage={zero}"])
     model, tok = load_model_and_tokenizer(cfg.model, "tiny")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from orchestrator.stages.common import lr_factor
+from orchestrator.methods.schedules import lr_factor
 
 
 def test_warmup_then_constant():

@@ -77,7 +77,7 @@ def fake_ray(monkeypatch) -> dict:
 
 
 def test_in_process_ray_binds_its_dashboard_to_loopback(monkeypatch):
-    from orchestrator.train import init_ray
+    from orchestrator.runtime.ray_setup import init_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     calls = fake_ray(monkeypatch)
@@ -97,7 +97,7 @@ def test_orchestrator_ui_serves_on_loopback_by_default(monkeypatch, tmp_path):
     assert cli.build_parser().parse_args(["ui"]).host == "127.0.0.1"
     executed = []
     monkeypatch.setattr(cli.os, "execv", lambda path, argv: executed.append(argv))
-    monkeypatch.setattr("orchestrator.tracking.ensure_store", lambda uri: None)  # no store needed to see the command
+    monkeypatch.setattr("orchestrator.tracking.conventions.ensure_store", lambda uri: None)  # no store needed
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     assert cli.main(["ui"]) == 0
     argv = executed[0]
@@ -136,7 +136,7 @@ def keyword(node: ast.Call, name: str):
 def test_trust_remote_code_is_off_and_reaches_every_from_pretrained_as_false(monkeypatch, tmp_path):
     import transformers
 
-    from orchestrator.models import build_digit_tokenizer, load_model_and_tokenizer
+    from orchestrator.modeling.models import build_digit_tokenizer, load_model_and_tokenizer
 
     assert ModelConfig().trust_remote_code is False
     assert load_run_config().model.trust_remote_code is False
@@ -278,7 +278,7 @@ def test_datasets_are_parquet_jsonl_or_csv_never_pickles(tmp_path):
     ids=["postgres-password", "http-user-token", "token-as-user", "query-token", "signed-url", "api-key-password"],
 )
 def test_credentials_in_config_values_are_redacted(override, leaked, shown):
-    from orchestrator.tracking import loggable_params
+    from orchestrator.tracking.redaction import loggable_params
 
     params = loggable_params(load_run_config(overrides=[override]))
     field = override.split("=", 1)[0]
@@ -287,7 +287,7 @@ def test_credentials_in_config_values_are_redacted(override, leaked, shown):
 
 
 def test_secret_looking_keys_are_never_logged():
-    from orchestrator.tracking import SECRET_PATTERN, loggable_params
+    from orchestrator.tracking.redaction import SECRET_PATTERN, loggable_params
 
     params = loggable_params(load_run_config())
     assert params and not [k for k in params if SECRET_PATTERN.search(k)]
@@ -309,7 +309,7 @@ def secret_run(tmp_path_factory):
     user, inside config values (one store for the module: creating one takes seconds)."""
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import start_or_resume_run
+    from orchestrator.tracking.runs import start_or_resume_run
 
     home = tmp_path_factory.mktemp("secrets")
     uri = f"sqlite:///{home / 'mlruns' / 'mlflow.db'}"
@@ -345,7 +345,7 @@ def test_no_secret_reaches_the_resolved_config_artifact(secret_run, tmp_path):
 
 
 def test_redacted_config_json_is_the_config_with_credentials_masked():
-    from orchestrator.tracking import redacted_config_json
+    from orchestrator.tracking.redaction import redacted_config_json
 
     cfg = load_run_config(overrides=["tracking.tracking_uri=postgresql://u:pw-123456@db/mlflow"])
     data = json.loads(redacted_config_json(cfg))

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import free_ports
-from orchestrator.shared_grads import FILE_PREFIX, SharedGradients, shared_gradients_for, shared_memory_room
+
+from orchestrator.engine.shared_grads import FILE_PREFIX, SharedGradients, shared_gradients_for, shared_memory_room
 
 WORLD = 2
 
@@ -73,7 +73,7 @@ def test_no_room_no_shared_memory(tmp_path):
 
 def test_workers_on_other_machines_keep_deepspeeds_all_reduce(tmp_path, monkeypatch, process_group):
     """In the session's one-process group the host check sees one machine; patched, it sees several."""
-    import orchestrator.shared_grads as shared_grads
+    import orchestrator.engine.shared_grads as shared_grads
 
     monkeypatch.setattr(shared_grads, "workers_share_this_machine", lambda: False)
     assert shared_gradients_for([torch.nn.Parameter(torch.zeros(4))], tmp_path) is None
@@ -86,7 +86,7 @@ def test_the_barrier_names_workers_that_never_come(tmp_path, monkeypatch, proces
     """A worker that never posts its arrival: the others give up after the timeout, naming it."""
     import numpy as np
 
-    import orchestrator.shared_grads as shared_grads
+    import orchestrator.engine.shared_grads as shared_grads
 
     if not shared_grads.SPIN_BARRIER:
         pytest.skip("this CPU keeps gloo's barrier")
@@ -101,7 +101,7 @@ def test_the_barrier_names_workers_that_never_come(tmp_path, monkeypatch, proces
 
 
 def test_other_cpus_keep_gloos_barrier(tmp_path, monkeypatch, process_group):
-    import orchestrator.shared_grads as shared_grads
+    import orchestrator.engine.shared_grads as shared_grads
 
     monkeypatch.setattr(shared_grads, "SPIN_BARRIER", False)
     calls = []

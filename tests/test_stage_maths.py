@@ -16,12 +16,12 @@ import torch
 
 from orchestrator.config import load_run_config
 from orchestrator.data.collate import collate_sft, encode_sft_example
-from orchestrator.evaluate import format_answer
-from orchestrator.grpo import grpo_loss_terms
-from orchestrator.losses import sft_loss
-from orchestrator.models import digit_token_ids, load_model_and_tokenizer
-from orchestrator.generation import accepts_logits_to_keep
-from orchestrator.last_layer import enable_last_layer_from
+from orchestrator.methods.answers import format_answer
+from orchestrator.methods.grpo import grpo_loss_terms
+from orchestrator.methods.losses import sft_loss
+from orchestrator.modeling.generation import accepts_logits_to_keep
+from orchestrator.modeling.last_layer import enable_last_layer_from
+from orchestrator.modeling.models import digit_token_ids, load_model_and_tokenizer
 from orchestrator.stages.grpo import build_sequences, completion_mask, shared_prompt_logprobs, token_logprobs
 from orchestrator.stages.sft import length_groups, micro_batch_loss, supervised_logits
 

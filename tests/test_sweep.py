@@ -7,7 +7,8 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError
-from orchestrator.sweep import base_fingerprint, base_values, expand_cells, load_ablation, open_parent
+from orchestrator.sweep.grid import base_fingerprint, base_values, expand_cells, load_ablation
+from orchestrator.sweep.resume import open_parent
 
 BASE = {
     "data": {"train_size": 300, "max_per_label": 2, "many_threshold": 12, "few_threshold": 4},

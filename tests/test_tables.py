@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.tables import (
+from orchestrator.reporting.tables import (
     MISSING,
     Cell,
     TablesError,

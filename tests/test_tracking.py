@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.tracking import SPOOL_NAME, RunLogger, TrackingUnavailable, resend_spool
+from orchestrator.tracking.logger import SPOOL_NAME, RunLogger, TrackingUnavailable, resend_spool
 
 
 @pytest.fixture()
@@ -99,7 +99,7 @@ def test_an_unreachable_store_is_refused_before_compute(tmp_path):
     import socket
 
     from orchestrator.config import ConfigError
-    from orchestrator.tracking import check_tracking_store
+    from orchestrator.tracking.runs import check_tracking_store
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,7 +117,7 @@ def test_processes_opening_a_new_store_together_do_not_race(tmp_path):
     import sys
 
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
-    code = f"from orchestrator.tracking import ensure_experiment, tracking_client; " \
+    code = f"from orchestrator.tracking.conventions import ensure_experiment, tracking_client; " \
            f"ensure_experiment(tracking_client({uri!r}), 'exp', {uri!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
@@ -149,7 +149,7 @@ class VanishingEnviron(Mapping):
 def test_redaction_survives_a_variable_removed_mid_copy():
     """MLflow's telemetry thread removes _MLFLOW_TELEMETRY_SESSION_ID while a sweep cell logs its params:
     the redaction's copy of the environment retries instead of failing the cell with a KeyError."""
-    from orchestrator.tracking import environment_snapshot, redact_secrets
+    from orchestrator.tracking.redaction import environment_snapshot, redact_secrets
 
     with pytest.raises(KeyError):  # the race itself, as a plain copy meets it
         dict(VanishingEnviron({"A": "1", "B": "2"}, vanishing="B"))
@@ -164,7 +164,7 @@ def test_redaction_survives_a_variable_removed_mid_copy():
 def test_a_run_whose_params_cannot_be_logged_is_marked_failed(tmp_path, monkeypatch):
     """The run exists before its params are logged: if logging them fails, the run is FAILED with the
     error as a tag, never left RUNNING."""
-    import orchestrator.tracking as tracking
+    import orchestrator.tracking.runs as runs
     from orchestrator.config import load_run_config
 
     cfg = load_run_config(overrides=["name=broken", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -172,9 +172,9 @@ def test_a_run_whose_params_cannot_be_logged_is_marked_failed(tmp_path, monkeypa
     def fail(_cfg):
         raise RuntimeError("params exploded")
 
-    monkeypatch.setattr(tracking, "loggable_params", fail)
+    monkeypatch.setattr(runs, "loggable_params", fail)
     with pytest.raises(RuntimeError, match="params exploded"):
-        tracking.start_or_resume_run(cfg)
+        runs.start_or_resume_run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert run.info.status == "FAILED"

@@ -10,8 +10,8 @@ from PIL import Image
 from orchestrator.config import ConfigError, ModelConfig, load_run_config
 from orchestrator.data.collate import IGNORE_INDEX, chat_prompt_ids, collate_prompts, collate_sft, encode_sft_example
 from orchestrator.data.images import encode_png
-from orchestrator.generation import generate
-from orchestrator.models import (
+from orchestrator.modeling.generation import generate
+from orchestrator.modeling.models import (
     build_digit_tokenizer,
     digit_token_ids,
     load_image_processor,
@@ -19,9 +19,7 @@ from orchestrator.models import (
     load_tokenizer,
     vision_kind,
 )
-from orchestrator.stages.grpo import build_sequences, token_logprobs
-from orchestrator.train import answer_token_length, check_generation_budgets
-from orchestrator.vision import (
+from orchestrator.modeling.vision import (
     IMAGE_TOKENS,
     ImageBatch,
     add_image_tokens,
@@ -29,6 +27,8 @@ from orchestrator.vision import (
     mrope_sections,
     tokens_per_image,
 )
+from orchestrator.runtime.preflight import answer_token_length, check_generation_budgets
+from orchestrator.stages.grpo import build_sequences, token_logprobs
 
 SMALL_VISION = {"image_size": 32, "patch_size": 8, "merge_size": 2, "hidden_size": 32, "intermediate_size": 64}
 ARCHS = ["qwen2-vl", "smolvlm"]
@@ -229,7 +229,7 @@ def test_text_sources_have_no_image_processor():
 def test_smolvlm_with_packaged_smollm2_builds_and_generates_from_an_image():
     """The real CPU default for images: SmolLM2-135M-Instruct as the language half (its weights unchanged,
     embeddings grown by the three image tokens), a fresh vision encoder + connector from model.vision."""
-    from orchestrator.models import prepare_smollm2
+    from orchestrator.modeling.models import prepare_smollm2
 
     cfg = ModelConfig(source="smolvlm-smollm2-135m")
     model, tok = load_model_and_tokenizer(cfg)
@@ -256,8 +256,9 @@ def test_smolvlm_with_packaged_smollm2_builds_and_generates_from_an_image():
 def test_vlm_stage_handoff_keeps_what_the_engine_computed(process_group, zero, lora):
     """LoRA adapters merged (ZeRO-2), or ZeRO-3 shards gathered into a rebuilt model of the same VLM class:
     the next stage starts from exactly the finished stage's weights, vision tower included."""
-    from orchestrator.models import add_lora_adapters, is_lora_model
-    from orchestrator.stages.common import build_engine, full_parameters, handoff_module
+    from orchestrator.engine.deepspeed import build_engine, full_parameters
+    from orchestrator.engine.handoff import handoff_module
+    from orchestrator.modeling.models import add_lora_adapters, is_lora_model
 
     run = load_run_config(overrides=[
         "model.tiny.architecture=qwen2-vl", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",

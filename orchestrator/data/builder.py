@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.config import DataConfig, resolve_path
+from orchestrator.data.conventions import DataError
 from orchestrator.data.images import summarize_images
 from orchestrator.data.protocol import REGIONS, bin_counts, label_bins, shot_regions
-from orchestrator.data.sources import DataError, load_source
+from orchestrator.data.sources import load_source
 
 SPLITS = ("train", "val", "test")
 SCHEMA = pa.schema(

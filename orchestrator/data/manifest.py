@@ -30,8 +30,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from orchestrator.config import ManifestConfig, resolve_path
+from orchestrator.data.conventions import ANSWER_INSTRUCTION, SPLIT_NAMES, DataError
 from orchestrator.data.images import decode_base64, inspect_image
-from orchestrator.data.sources import ANSWER_INSTRUCTION, SPLIT_NAMES, DataError
 
 DEFAULT_IMAGE_PROMPT = "What is the numeric value for this image?"
 CONVENTIONAL_COLUMNS = {

@@ -6,8 +6,7 @@ from scikit-learn's bundled handwritten digits (orchestrator.data.digit_count), 
 reads a user's external DIR dataset (orchestrator.data.manifest).
 
 A loader returns columns id, prompt, target, and optionally `image` (encoded bytes) and `split`
-(train / val / test, kept as given instead of the DIR protocol's split).
-"""
+(train / val / test, kept as given instead of the DIR protocol's split)."""
 
 from __future__ import annotations
 
@@ -21,13 +20,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.config import DataConfig
-
-ANSWER_INSTRUCTION = "Answer with <answer>NUMBER</answer>."
-SPLIT_NAMES = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad or unusable data, named by dataset, split, column or row."""
+from orchestrator.data.conventions import ANSWER_INSTRUCTION, SPLIT_NAMES, DataError
 
 
 @dataclass(frozen=True)

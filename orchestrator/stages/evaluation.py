@@ -11,9 +11,12 @@ import pyarrow as pa
 import torch
 
 from orchestrator.data.collate import chat_prompt_ids, collate_prompts
-from orchestrator.evaluate import dir_metrics, evaluate_texts, format_answer
-from orchestrator.generation import decode_completions, generate
-from orchestrator.stages.common import StageContext, all_gather_objects, full_parameters
+from orchestrator.engine.collectives import all_gather_objects
+from orchestrator.engine.deepspeed import full_parameters
+from orchestrator.methods.answers import format_answer
+from orchestrator.methods.metrics import dir_metrics, evaluate_texts
+from orchestrator.modeling.generation import decode_completions, generate
+from orchestrator.stages.context import StageContext
 
 
 def eval_rows(n: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -47,7 +50,7 @@ def generate_split(ctx: StageContext, model, table: pa.Table) -> list[str]:
 @torch.no_grad()
 def predict_split(ctx: StageContext, model, head, table: pa.Table) -> list[float]:
     """rvtc predictions (Σ p_k · centre_k) for every row of `table`, in row order; rank 0 gets all."""
-    from orchestrator.rvtc import expected_values, head_logits
+    from orchestrator.methods.rvtc import expected_values, head_logits
 
     prompts = table.column("prompt").to_pylist()
     images = ctx.image_column(table)
@@ -78,7 +81,7 @@ def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float]
     metrics: dict[str, float] = {}
     predictions: dict[str, pa.Table] = {}
     train_targets = ds.train_targets()
-    from orchestrator.rvtc import find_rvtc_head
+    from orchestrator.methods.rvtc import find_rvtc_head
 
     with full_parameters(engine_or_model) as model:
         head = find_rvtc_head(model)

@@ -25,22 +25,16 @@ from safetensors.torch import load_file
 
 from orchestrator.config import GRPOStage
 from orchestrator.data.collate import chat_prompt_ids, collate_prompts, micro_batch_indices, pad_batch
-from orchestrator.evaluate import parse_answer
-from orchestrator.generation import accepts_logits_to_keep, decode_completions, generate, prompt_prefill
-from orchestrator.grpo import group_advantages, grpo_loss_terms
-from orchestrator.last_layer import enable_last_layer_from
-from orchestrator.rewards import RewardContext, compute_rewards
-from orchestrator.tracking import Stopwatch
-from orchestrator.stages.common import (
-    REFERENCE_FILE,
-    ReferencePolicy,
-    StageContext,
-    all_gather_objects,
-    all_reduce_sum,
-    build_engine,
-    full_parameters,
-    optimizer_step,
-)
+from orchestrator.engine.collectives import all_gather_objects, all_reduce_sum
+from orchestrator.engine.deepspeed import build_engine, full_parameters, optimizer_step
+from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
+from orchestrator.methods.answers import parse_answer
+from orchestrator.methods.grpo import group_advantages, grpo_loss_terms
+from orchestrator.methods.rewards import RewardContext, compute_rewards
+from orchestrator.modeling.generation import accepts_logits_to_keep, decode_completions, generate, prompt_prefill
+from orchestrator.modeling.last_layer import enable_last_layer_from
+from orchestrator.stages.context import StageContext
+from orchestrator.stages.timing import Stopwatch
 
 
 def token_logprobs(

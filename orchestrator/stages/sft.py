@@ -28,13 +28,16 @@ from orchestrator.data.collate import (
     step_indices,
     supervised_counts,
 )
-from orchestrator.evaluate import format_answer
-from orchestrator.generation import accepts_logits_to_keep
-from orchestrator.last_layer import KEYWORD as LAST_LAYER_FROM, enable_last_layer_from, takes_last_layer_from
-from orchestrator.losses import sft_loss
-from orchestrator.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
-from orchestrator.stages.common import StageContext, all_reduce_sum, build_engine, optimizer_step
-from orchestrator.tracking import Stopwatch
+from orchestrator.engine.collectives import all_reduce_sum
+from orchestrator.engine.deepspeed import build_engine, optimizer_step
+from orchestrator.methods.answers import format_answer
+from orchestrator.methods.losses import sft_loss
+from orchestrator.methods.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
+from orchestrator.modeling.generation import accepts_logits_to_keep
+from orchestrator.modeling.last_layer import KEYWORD as LAST_LAYER_FROM
+from orchestrator.modeling.last_layer import enable_last_layer_from, takes_last_layer_from
+from orchestrator.stages.context import StageContext
+from orchestrator.stages.timing import Stopwatch
 
 
 def loss_params(stage: SFTStage) -> dict:

@@ -15,8 +15,7 @@ keyword, `last_layer_from=start`, passed through the model's own forward call (s
 forward, hooks and ZeRO stages are unchanged). Without that keyword the layer runs as before, and its
 parameters, state-dict names and checkpoints never change. It supports the Llama and Qwen2 layouts
 (every text model this project builds or ships) with sdpa or eager attention; other models keep the full
-forward.
-"""
+forward."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from orchestrator.rvtc import base_model
+from orchestrator.modeling.models import base_model
 
 KEYWORD = "last_layer_from"
 LAYOUTS = ("llama", "qwen2")  # decoder layers: input_layernorm, self_attn (q/k/v/o_proj, rotary), post_attention_layernorm, mlp

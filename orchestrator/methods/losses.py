@@ -13,8 +13,7 @@ proper distribution over the digits 0..9 centred on the target t:
   renormalised when truncated at 0 or 9 (t = 0: 2/3 on 0, 1/3 on 1).
 - binomial:   Binomial(n = 9, p = t / 9), whose mean is t (a point mass at t = 0 and t = 9).
 - poisson:    Poisson(λ = t + 0.5) truncated to 0..9 and renormalised; its mode is t.
-- uniform:    1/10 on every digit (plain label smoothing restricted to the digits).
-"""
+- uniform:    1/10 on every digit (plain label smoothing restricted to the digits)."""
 
 from __future__ import annotations
 
@@ -27,9 +26,6 @@ DIGIT_CHARS = "0123456789"
 PSI_FAMILIES = ("triangular", "binomial", "poisson", "uniform")
 IGNORE_INDEX = -100
 PLACE_WEIGHT_CAP = 4  # DIST² place weights: units 1, tens 2, hundreds 3, thousands and above 4
-
-
-# --------------------------------------------------------------------------- targets over the 10 digits
 
 
 def _check_digit(digit) -> int:
@@ -80,9 +76,6 @@ def dist2_target(digit: int, tau: float = 1.0) -> torch.Tensor:
     return torch.softmax(-((v - t) ** 2) / tau, dim=0).float()
 
 
-# --------------------------------------------------------------------------- digit positions
-
-
 def _check_digit_ids(digit_token_ids: torch.Tensor) -> torch.Tensor:
     ids = torch.as_tensor(digit_token_ids)
     if ids.shape != (10,):
@@ -110,9 +103,6 @@ def digit_places(labels: torch.Tensor, digit_token_ids: torch.Tensor) -> torch.T
     breaks = torch.where(is_digit, torch.full_like(pos, n), pos)
     next_break = breaks.flip(-1).cummin(-1).values.flip(-1)
     return torch.where(is_digit, next_break - pos - 1, torch.full_like(pos, -1))
-
-
-# --------------------------------------------------------------------------- the losses
 
 
 def _prepare(logits: torch.Tensor, labels: torch.Tensor, digit_token_ids: torch.Tensor):

@@ -13,18 +13,16 @@ Choices where the paper is silent or differs:
 - ties between two centres go to the lower bin.
 
 The maths is pure torch; `RvtcHead` is a plain module attached to the policy as `rvtc_head`, so
-DeepSpeed trains, checkpoints and restores it with the rest of the model.
-"""
+DeepSpeed trains, checkpoints and restores it with the rest of the model."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from orchestrator.modeling.models import base_model
+
 HEAD_ATTR = "rvtc_head"
-
-
-# --------------------------------------------------------------------------- maths
 
 
 def bin_centres(label_min: float, label_max: float, bins: int) -> torch.Tensor:
@@ -61,9 +59,6 @@ def rvtc_loss(logits: torch.Tensor, target_bins: torch.Tensor) -> tuple[torch.Te
     return loss, torch.tensor(float(len(target_bins)), device=logits.device)
 
 
-# --------------------------------------------------------------------------- the head
-
-
 class RvtcHead(nn.Module):
     """Linear(hidden, K) plus the label range it was built for. The range is kept as plain floats, not a
     buffer: a bf16 engine would round buffers, and the centres must stay exact."""
@@ -84,14 +79,6 @@ class RvtcHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, range=[{self.label_min:g}, {self.label_max:g}]"
-
-
-def base_model(module: nn.Module) -> nn.Module:
-    """The transformers model under a DeepSpeed engine and/or a peft wrapper."""
-    module = getattr(module, "module", module)  # DeepSpeed engine
-    if hasattr(module, "get_base_model"):  # peft
-        module = module.get_base_model()
-    return module
 
 
 def find_rvtc_head(module: nn.Module) -> RvtcHead | None:

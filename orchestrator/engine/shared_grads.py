@@ -10,8 +10,7 @@ same average on every worker (bitwise), at memory speed. The barrier itself goes
 `build_engine` uses it for ZeRO-0 on CPU when every worker of the group runs on this machine and the
 shared-memory folder has room (`deepspeed.shared_memory_grads`, default on); DeepSpeed's own all-reduce
 is then switched off for that engine, and `optimizer_step` averages before each optimizer step. ZeRO-1/2/3
-partition gradients themselves and keep DeepSpeed's collectives.
-"""
+partition gradients themselves and keep DeepSpeed's collectives."""
 
 from __future__ import annotations
 
@@ -31,6 +30,8 @@ SHM_DIR = Path("/dev/shm")
 FILE_PREFIX = "orchestrator-grads-"
 BYTES_PER_GRADIENT = 4  # fp32: the CPU path trains in fp32
 CACHE_LINE = 64  # each worker's arrival count on a line of its own: no worker's write evicts another's
+
+
 # x86-64 makes a process's stores visible to others in program order: a worker that reads another's
 # arrival count also reads the row written before it (copies that use non-temporal stores, as glibc's
 # memcpy does for large ones, end with a fence of their own). Other CPUs would need a fence Python cannot

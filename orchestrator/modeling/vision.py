@@ -14,8 +14,7 @@ the same number of placeholder tokens and a prompt's ids depend on its text alon
 
 Pixel tensors travel per row (`ImageBatch.rows`, a dict per sequence whose tensors all have a leading
 dimension), so repeating a row for G samples or taking a chunk of rows is list work, and a batch is one
-`torch.cat` per key.
-"""
+`torch.cat` per key."""
 
 from __future__ import annotations
 
@@ -28,17 +27,15 @@ import torch
 from orchestrator.data.images import load_image
 
 VLM_KINDS = ("qwen2-vl", "smolvlm")
+
+
 # transformers `model_type` of a checkpoint -> the kind of processor it needs
 MODEL_TYPE_KINDS = {"qwen2_vl": "qwen2-vl", "smolvlm": "smolvlm", "idefics3": "smolvlm"}
 TEMPORAL_PATCH = 2  # Qwen2-VL's patch is 2 frames deep; a still image is repeated (as its processor does)
-
 IMAGE_TOKENS = {
     "qwen2-vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
     "smolvlm": ["<fake_token_around_image>", "<image>", "<global-img>"],
 }
-
-
-# --------------------------------------------------------------------------- pure helpers
 
 
 def tokens_per_image(image_size: int, patch_size: int, merge_size: int) -> int:
@@ -76,9 +73,6 @@ def square(image, size: int):
     from PIL import Image
 
     return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
-
-
-# --------------------------------------------------------------------------- processors
 
 
 class ImageOnlyProcessor:
@@ -198,9 +192,6 @@ class ImageBatch:
     def inputs_for(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model, on input_ids' device."""
         return {k: v.to(input_ids.device) for k, v in self.processor.model_inputs(input_ids, self.rows).items()}
-
-
-# --------------------------------------------------------------------------- models
 
 
 def _vision_config(kind: str, vision, text_hidden_size: int) -> dict:

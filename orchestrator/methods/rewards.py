@@ -3,18 +3,17 @@
 A run's reward is a weighted sum of named terms; each term is logged on its own. A term is either
 per-sample or batch-level (CCC needs the whole minibatch). Every reward function has the same
 signature, `fn(ctx: RewardContext) -> B lists of G floats`; users can name their own as
-`module:function`.
-"""
+`module:function`."""
 
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.evaluate import parse_answer
+from orchestrator.methods.answers import parse_answer
+from orchestrator.methods.metrics import ccc
 
 Grid = list[list[float]]
 
@@ -43,26 +42,6 @@ def register_reward(name: str):
         return fn
 
     return wrap
-
-
-# --------------------------------------------------------------------------- pure maths
-
-
-def ccc(x: Sequence[float], y: Sequence[float]) -> float:
-    """Concordance correlation 2·cov / (var x + var y + (μx − μy)²), population statistics.
-    0.0 for empty input, a zero denominator or a non-finite result."""
-    n = len(x)
-    if n == 0 or n != len(y):
-        return 0.0
-    mx, my = sum(x) / n, sum(y) / n
-    vx = sum((a - mx) ** 2 for a in x) / n
-    vy = sum((b - my) ** 2 for b in y) / n
-    cov = sum((a - mx) * (b - my) for a, b in zip(x, y)) / n
-    denom = vx + vy + (mx - my) ** 2
-    if denom == 0:
-        return 0.0
-    value = 2 * cov / denom
-    return value if math.isfinite(value) else 0.0
 
 
 def batch_ccc_rewards(preds: Sequence[Sequence[float | None]], targets: Sequence[float]) -> Grid:
@@ -99,9 +78,6 @@ def format_reward(text: str, parsed: float | None, label_min: float, label_max: 
     """0.5 when the completion is in the answer format and the number lies in the label range."""
     ok = parsed is not None and parse_answer(text) is not None and label_min <= parsed <= label_max
     return 0.5 if ok else 0.0
-
-
-# --------------------------------------------------------------------------- registry
 
 
 @register_reward("ccc")

@@ -21,8 +21,7 @@ Choices where METHODS is silent:
   `data.label_step`) changes only with the row or column, so it is not an axis of its own.
 - Two runs of the same grid point (a re-run): the latest finished one is used.
 - Baseline of the Δ rows: the argument, else the parent's `orchestrator.baseline`, else `sft:ce` when it
-  is a row; without one there are no Δ rows. Per-axis tables compare against the held (base) value.
-"""
+  is a row; without one there are no Δ rows. Per-axis tables compare against the held (base) value."""
 
 from __future__ import annotations
 
@@ -40,28 +39,26 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from orchestrator.tracking.conventions import AXES_TAG, BASE_VALUES_TAG, BASELINE_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG
+
 SPLITS = ("test", "val")
 METRICS = ("mae", "gm")
 REGIONS = ("all", "many", "medium", "few")
+
+
 PIPELINE, DATASET, SEED = "pipeline", "data.name", "seed"
+
+
 DEFAULT_BASELINE = "sft:ce"
 MISSING = "—"
+
+
 # Params that differ between runs without being an experimental choice.
 BOOKKEEPING = re.compile(r"^(name|storage_path|data\.root|model\.cache_dir|tracking\..*)$")
-
-PARENT_TAG = "mlflow.parentRunId"
-ROLE_TAG = "orchestrator.role"
-SWEEP_TAG = "orchestrator.sweep"
-AXES_TAG = "orchestrator.axes"
-BASELINE_TAG = "orchestrator.baseline"
-BASE_VALUES_TAG = "orchestrator.base_values"
 
 
 class TablesError(ValueError):
     """A user error: unknown experiment or run, nothing finished to tabulate, a baseline that is no row."""
-
-
-# --------------------------------------------------------------------------- the table structure
 
 
 @dataclass(frozen=True)
@@ -149,9 +146,6 @@ class Table:
         return self.row(row).cells[keys.index(column)]
 
 
-# --------------------------------------------------------------------------- small helpers
-
-
 def display_pipeline(label: str) -> str:
     return label.replace(" -> ", " → ")
 
@@ -202,9 +196,6 @@ def default_out_dir(experiment: str) -> Path:
     from orchestrator.config import resolve_path
 
     return resolve_path(Path("results") / "tables" / file_stem(experiment))
-
-
-# --------------------------------------------------------------------------- runs -> tidy frame
 
 
 def infer_axes(runs: pd.DataFrame) -> list[str]:
@@ -307,9 +298,6 @@ def hold(frame: pd.DataFrame, held: dict[str, tuple[str, str]], free: Iterable[s
         if a not in free:
             mask &= frame[a].isna() | (frame[a] == value)
     return frame[mask]
-
-
-# --------------------------------------------------------------------------- tidy frame -> tables
 
 
 def _columns(frame: pd.DataFrame) -> list[Column]:
@@ -490,9 +478,6 @@ def build_tables(
     return tables
 
 
-# --------------------------------------------------------------------------- renderers
-
-
 def _number(v: float, digits: int) -> str:
     return f"{v:.{digits}f}"
 
@@ -638,9 +623,6 @@ def render_csv(table: Table) -> str:
             line += [num(v), "", ""]
         writer.writerow(line)
     return buf.getvalue()
-
-
-# --------------------------------------------------------------------------- the tracking store
 
 
 @dataclass

@@ -5,8 +5,7 @@ Ray Train copies each rank's checkpoint files straight into the final `checkpoin
 a disk that fills up mid-copy leaves a folder that looks like a checkpoint. Ray does not register it
 (the previous checkpoint stays the latest), but a restore must never trust one either: each rank
 writes a manifest of its own files last, `verify_checkpoint` checks them, and after a failure
-`quarantine_incomplete` renames half-written folders `*.incomplete` (nothing is deleted).
-"""
+`quarantine_incomplete` renames half-written folders `*.incomplete` (nothing is deleted)."""
 
 from __future__ import annotations
 

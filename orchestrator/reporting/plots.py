@@ -3,8 +3,7 @@ histogram, with the many / medium / few shot regions (METHODS §2) shaded from t
 
 Matplotlib's Agg canvas is used directly (no pyplot): no display, no global pyplot state, safe inside
 Ray workers. Degenerate inputs (no predictions, every prediction a parse failure, one label bin, an
-empty region) still give the three images, with a note on the plot instead of an exception.
-"""
+empty region) still give the three images, with a note on the plot instead of an exception."""
 
 from __future__ import annotations
 

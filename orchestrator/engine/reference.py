@@ -1,0 +1,60 @@
+"""GRPO's reference policy: the frozen start-of-stage weights."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from orchestrator.config import RunConfig
+from orchestrator.engine.deepspeed import deepspeed_json
+from orchestrator.engine.handoff import gathered_state_dict
+
+REFERENCE_FILE = "reference.safetensors"  # GRPO's frozen start-of-stage policy, inside a checkpoint
+
+
+class ReferencePolicy:
+    """The frozen policy the KL term compares against: the stage's starting weights.
+
+    - LoRA: the policy itself with its adapters disabled (no copy at all);
+    - ZeRO-3: a frozen copy partitioned by an optimizer-free DeepSpeed engine;
+    - otherwise: a frozen copy (no gradients, no optimizer state).
+    Build it BEFORE the policy's engine: ZeRO-3 partitions the start module in place."""
+
+    def __init__(self, start_module: torch.nn.Module, cfg: RunConfig, stage, lora: bool, weights: dict | None = None):
+        self.lora = lora
+        self.model = None
+        if lora:
+            return
+        frozen = copy.deepcopy(start_module).eval()
+        if weights is not None:  # resuming: the reference saved with the checkpoint
+            frozen.load_state_dict(weights)
+        frozen.requires_grad_(False)
+        if cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            ds = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)
+            ds = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "zero_optimization", "bf16")}
+            ds["zero_optimization"] = {"stage": 3}
+            frozen = deepspeed.initialize(model=frozen, config=ds, dist_init_required=False)[0]
+            frozen.eval()
+        self.model = frozen
+
+    @contextlib.contextmanager
+    def forward_model(self, policy_engine):
+        """The callable that computes reference log-probs."""
+        if self.lora:
+            with policy_engine.module.disable_adapter():
+                yield policy_engine
+        else:
+            yield self.model
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full reference weights for a checkpoint (None under LoRA: the policy checkpoint holds the base).
+        Collective under ZeRO-3: every rank must call it."""
+        if self.model is None:
+            return None
+        if hasattr(self.model, "zero_optimization_stage"):
+            return gathered_state_dict(self.model)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

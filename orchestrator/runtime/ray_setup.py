@@ -1,0 +1,65 @@
+"""Joining or starting the Ray cluster, and the worker processes' environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+# glibc's malloc hands freed blocks above its mmap threshold (at most 32 MB) back to the OS and page-faults
+# them in again on the next allocation; a training step frees and re-allocates the same large tensors every
+# step (the tied embedding gradient alone is 113 MB for SmolLM2-135M). Workers keep freed memory in one
+# heap instead: one arena, because Ray Train runs the training loop in a thread of its own, whose arena
+# cannot hold such blocks without mmap. Measured on 2 CPUs, SmolLM2-135M SFT step with the loop in a
+# thread: 6.1 s -> 4.5 s, and peak resident memory 5.9 -> 4.7 GB (the tiny model: unchanged).
+WORKER_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def worker_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment of the Ray worker processes: one compute thread unless a stage asks for more, and
+    the malloc setting above unless the user already chose GLIBC_TUNABLES (workers then inherit it)."""
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if "GLIBC_TUNABLES" not in environ:
+        env["GLIBC_TUNABLES"] = WORKER_MALLOC_TUNABLES
+    return env
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join $RAY_ADDRESS if set, else start a local cluster in-process, dashboard on loopback only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": worker_env_vars(os.environ)}
+    if os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit`, Ray refuses a driver runtime_env that sets an env var the job's
+        # runtime_env (--runtime-env-json) also sets; the job's value wins.
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+        env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in job_vars}}
+        ray.init(runtime_env=env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        object_store_memory=256 * 1024 * 1024,
+        # The dashboard serves Ray's State API, which Train V2's placement-group cleaner polls every
+        # second (it logs a warning per poll without it); loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=True,
+    )
+
+
+# Ray Train V2 knobs for short runs on one machine (set unless the user set them): the controller polls
+# its workers every 2 s by default, so a finished run waited up to 2 s to be noticed; the preemption
+# watcher is one more actor process per run, for spot-instance drains a local cluster never sees.
+RAY_TRAIN_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def configure_ray_train() -> None:
+    for key, value in RAY_TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
