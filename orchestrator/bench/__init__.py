@@ -500,7 +500,7 @@ def project_config(settings: BenchSettings, kind: str, name: str, experiment: st
             "stages.grpo.num_iterations=1", f"stages.grpo.lr={s.grpo_lr}", "stages.grpo.warmup_steps=0",
             f"tracking.log_every={s.grpo_warmup}", f"checkpoint.every_steps={s.grpo_steps}",
         ]
-    base = Path(s.base) if Path(s.base).is_absolute() else Path(__file__).resolve().parent.parent / s.base
+    base = Path(s.base) if Path(s.base).is_absolute() else Path(__file__).resolve().parents[2] / s.base
     return load_run_config(base, [*common, *stage])
 
 
@@ -1048,10 +1048,3 @@ def main_trl(argv: list[str]) -> int:
     result = trl_sft(spec) if kind == "sft" else trl_grpo(spec)
     Path(result_path).write_text(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_trl":
-        sys.exit(main_trl(sys.argv[2:]))
-    print("usage: orchestrator bench [--quick|--full] [--write-readme] [--grid SWEEP]", file=sys.stderr)
-    sys.exit(2)
