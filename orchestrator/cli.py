@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from orchestrator.bench import BENCH_ZERO_STAGE  # light: the bench's heavy imports are inside its functions
-from orchestrator.config import ConfigError, DataConfig, _format_validation_error, load_run_config
+from orchestrator.config import ConfigError, DataConfig, format_validation_error, load_run_config
 from orchestrator.tracking.logger import TrackingUnavailable  # light: mlflow is imported inside the functions
 
 EXIT_USER_ERROR = 2
@@ -90,7 +90,7 @@ def cmd_data(args) -> int:
     try:
         cfg = DataConfig.model_validate(tree)
     except ValidationError as exc:  # one line per field, named as in a run config (data.train_size)
-        head, *fields = _format_validation_error(exc, f"data build {args.name}").splitlines()
+        head, *fields = format_validation_error(exc, f"data build {args.name}").splitlines()
         fields = [f"  data{f[len('  <root>'):]}" if f.startswith("  <root>:") else f"  data.{f[2:]}" for f in fields]
         raise ConfigError("\n".join([head, *fields])) from None
     built = build_dataset(cfg, force=args.force)

@@ -1,37 +1,75 @@
-"""Typed run configuration: YAML in, dotted overrides, validation before any compute."""
+"""Typed run configuration: YAML in, dotted overrides, validation before any compute.
 
-from orchestrator.config.run import (  # noqa: F401
-    SFT_LOSSES,
-    VLM_SMOLLM2_SOURCE,
-    CheckpointConfig,
-    ConfigError,
-    DataConfig,
-    DeepSpeedConfig,
-    DigitCountConfig,
-    EvalConfig,
-    GRPOStage,
-    LoraConfig,
-    ManifestConfig,
-    ModelConfig,
-    RewardTerm,
-    RunConfig,
-    ScalingConfig,
-    SFTStage,
-    Stage,
-    StageDefaults,
-    TinyModelConfig,
-    TrackingConfig,
-    VisionModelConfig,
-    _format_validation_error,
-    _Strict,
+Modules: `base` (the strict section class, ConfigError, paths), `data`, `model`, `stages` and `run`
+(the sections of a RunConfig), and `loading` (YAML, overrides, validation errors). Import names from here.
+"""
+
+from orchestrator.config.base import ConfigError, StrictSection, expand_dotted, resolve_path, resolve_storage
+from orchestrator.config.data import DataConfig, DigitCountConfig, ManifestConfig
+from orchestrator.config.loading import (
     apply_override,
     flatten,
+    format_validation_error,
     load_run_config,
     load_run_tree,
-    parse_pipeline,
     read_yaml_mapping,
-    resolve_path,
-    resolve_storage,
     set_field,
     validate_run_tree,
 )
+from orchestrator.config.model import VLM_SMOLLM2_SOURCE, LoraConfig, ModelConfig, TinyModelConfig, VisionModelConfig
+from orchestrator.config.run import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    RunConfig,
+    ScalingConfig,
+    TrackingConfig,
+)
+from orchestrator.config.stages import (
+    SFT_LOSSES,
+    GRPOStage,
+    RewardTerm,
+    SFTStage,
+    Stage,
+    StageBase,
+    StageDefaults,
+    parse_pipeline,
+)
+
+__all__ = [
+    "SFT_LOSSES",
+    "VLM_SMOLLM2_SOURCE",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "DigitCountConfig",
+    "EvalConfig",
+    "GRPOStage",
+    "LoraConfig",
+    "ManifestConfig",
+    "ModelConfig",
+    "RewardTerm",
+    "RunConfig",
+    "SFTStage",
+    "ScalingConfig",
+    "Stage",
+    "StageBase",
+    "StageDefaults",
+    "StrictSection",
+    "TinyModelConfig",
+    "TrackingConfig",
+    "VisionModelConfig",
+    "apply_override",
+    "expand_dotted",
+    "flatten",
+    "format_validation_error",
+    "load_run_config",
+    "load_run_tree",
+    "parse_pipeline",
+    "read_yaml_mapping",
+    "resolve_path",
+    "resolve_storage",
+    "set_field",
+    "validate_run_tree",
+]

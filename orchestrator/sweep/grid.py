@@ -17,7 +17,7 @@ from orchestrator.config import (
     GRPOStage,
     RunConfig,
     SFTStage,
-    _Strict,
+    StrictSection,
     flatten,
     load_run_tree,
     read_yaml_mapping,
@@ -29,7 +29,7 @@ from orchestrator.config import (
 STAGE_KINDS = {"sft": SFTStage, "grpo": GRPOStage}
 
 
-class AblationConfig(_Strict):
+class AblationConfig(StrictSection):
     """One ablation: a base run config and the axes to cross. Every field below is optional but `name`."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]+$", description="Names the sweep, its parent run and its cells.")
