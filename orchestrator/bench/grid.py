@@ -1,0 +1,50 @@
+"""`orchestrator bench --grid SWEEP`: the wall time and per-cell metrics of a finished sweep, read from MLflow."""
+
+from __future__ import annotations
+
+from orchestrator.bench.settings import BenchError
+
+
+def _latest_sweep_run(client, experiments, sweep: str):
+    from orchestrator.tracking.conventions import ROLE_TAG, SWEEP_TAG
+
+    parents = client.search_runs(
+        [e.experiment_id for e in experiments],
+        filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return parents[0] if parents else None
+
+
+def load_grid(sweep: str, tracking_uri: str,
+              experiment: str | None = None) -> tuple[float, dict[str, dict[str, float]]]:
+    """(sweep wall seconds, {cell: metrics}) of the latest sweep named `sweep`."""
+    from mlflow import MlflowClient
+
+    from orchestrator.reporting.tables import _check_store
+    from orchestrator.tracking.conventions import CELL_TAG, PARENT_TAG
+
+    try:
+        _check_store(tracking_uri)
+    except Exception as exc:
+        raise BenchError(str(exc)) from None
+    if "'" in sweep:
+        raise BenchError(f"invalid sweep name {sweep!r}")
+    client = MlflowClient(tracking_uri)
+    exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+    exps = [e for e in exps if e is not None]
+    if not exps:
+        raise BenchError(f"no experiment {experiment!r} at {tracking_uri}")
+    parent = _latest_sweep_run(client, exps, sweep)
+    if parent is None:
+        raise BenchError(f"no sweep named {sweep!r} at {tracking_uri}")
+    if parent.info.end_time is None:
+        raise BenchError(f"sweep {sweep!r} (run {parent.info.run_id}) has not finished")
+    wall = (parent.info.end_time - parent.info.start_time) / 1000.0
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    cells = {c.data.tags.get(CELL_TAG) or c.info.run_name or c.info.run_id: dict(c.data.metrics)
+             for c in children}
+    if not cells:
+        raise BenchError(f"sweep {sweep!r} (run {parent.info.run_id}) has no cell runs")
+    return wall, cells
