@@ -325,3 +325,41 @@ def test_grad_average_text_names_the_runs_method_only_for_several_workers():
     assert "2 workers average their gradients (shared memory)" in text and text.endswith("; ")
     assert grad_average_text({"grad_average": "shared memory"}, 1) == ""
     assert grad_average_text({}, 2) == ""  # a run without the tag
+
+
+def test_better_peak_keeps_the_faster_measurement_and_counts_every_repeat():
+    from orchestrator.bench.machine import better_peak
+
+    before = {"peak": 5e9, "matmul_n": 1024, "repeats": 10}
+    assert better_peak(before, {"peak": 7e9, "matmul_n": 1024, "repeats": 10}) == {
+        "peak": 7e9, "matmul_n": 1024, "repeats": 20}
+    assert better_peak(before, {"peak": 4e9, "matmul_n": 1024, "repeats": 3})["peak"] == 5e9
+
+
+def test_timed_sft_tokens_count_only_the_steps_after_warmup(monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from orchestrator.bench import workload
+
+    # example i: i + 2 ids, one supervised label per example past the first position
+    examples = [(list(range(i + 2)), [-100] * (i + 1) + [7]) for i in range(12)]
+    monkeypatch.setattr(workload, "encoded_train", lambda cfg, source: (None, None, examples))
+    s = dataclasses.replace(bench.settings_for("quick", cpus=2), sft_steps=3, sft_warmup=1, sft_micro_batch=2)
+    order = bench.sft_step_indices(12, 5, steps=3, micro_batch=2, workers=2)
+    timed = [batch_tokens([examples[i] for i in rank]) for step in order[1:] for rank in step]
+    expected = (sum(t[0] for t in timed), sum(t[1] for t in timed))
+    assert expected[0] == 2 * 2 * 2  # 2 timed steps x 2 ranks x 2 samples, one supervised token each
+    assert workload.timed_sft_tokens(s, SimpleNamespace(seed=5), "src") == expected
+
+
+def test_package_import_is_light_and_the_trl_entry_point_answers():
+    import subprocess
+    import sys
+
+    code = ("import sys, orchestrator.bench; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'trl', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    usage = subprocess.run([sys.executable, "-m", "orchestrator.bench"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: orchestrator bench" in usage.stderr
