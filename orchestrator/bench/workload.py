@@ -71,14 +71,18 @@ def batch_tokens(examples: list[tuple[list[int], list[int]]]) -> tuple[int, int]
 
 
 def encoded_train(cfg, model_source: str | None = None):
-    """(built dataset, tokenizer, encoded train examples) exactly as the SFT stage encodes them."""
+    """(built dataset, tokenizer, encoded train examples): each row's prompt and formatted answer encoded as
+    the SFT stage's token objectives encode them, (input ids, labels with the prompt masked)."""
     from orchestrator.data import build_dataset
+    from orchestrator.data.collate import encode_sft_example
+    from orchestrator.methods.answers import format_answer
     from orchestrator.modeling.models import load_tokenizer, resolve_source
-    from orchestrator.stages.sft import encode_split
 
     built = build_dataset(cfg.data)
     tokenizer = load_tokenizer(cfg.model, model_source or resolve_source(cfg.model))
-    return built, tokenizer, encode_split(tokenizer, built.load("train"))
+    train = built.load("train")
+    prompts, targets = train.column("prompt").to_pylist(), train.column("target").to_pylist()
+    return built, tokenizer, [encode_sft_example(tokenizer, p, format_answer(t)) for p, t in zip(prompts, targets)]
 
 
 def timed_sft_tokens(settings: BenchSettings, cfg, model_source: str) -> tuple[int, int]:
