@@ -94,7 +94,10 @@ def test_token_mean_gradient_is_the_same_whole_or_split():
 
 
 def test_step_statistics_from_two_workers_sums_by_hand():
-    from orchestrator.stages.grpo import step_statistics
+    from orchestrator.stages.grpo import StepStats
+
+    def step_statistics(summed, world_size, term_names):
+        return StepStats.from_vector(summed, term_names).metrics(world_size)
 
     # worker A rewards [1, 3], worker B rewards [2, 6]: sum 12, sum of squares 50, n 4 -> mean 3,
     # population std sqrt(50/4 - 9) = sqrt(3.5); per-worker means (advantage std 0.8 and 1.2) average to 1.0.

@@ -7,14 +7,12 @@ import torch
 
 from orchestrator.methods.losses import (
     DIGIT_CHARS,
-    SFT_LOSSES,
     ce_loss,
     digit_places,
     digit_values,
     dist2_loss,
     dist2_target,
     psi_distribution,
-    sft_loss,
     softlabel_loss,
     softlabel_target,
 )
@@ -25,8 +23,11 @@ L3, L14 = math.log(3), math.log(14)
 
 
 def test_digit_chars_and_registry():
+    from orchestrator.methods.objectives import SFT_OBJECTIVES
+
     assert DIGIT_CHARS == "0123456789"
-    assert set(SFT_LOSSES) == {"ce", "softlabel", "dist2"}
+    assert SFT_OBJECTIVES.names() == ("ce", "softlabel", "dist2", "rvtc")
+    assert [SFT_OBJECTIVES[n].answers_through_head for n in SFT_OBJECTIVES.names()] == [False, False, False, True]
 
 
 # --------------------------------------------------------------------------- targets
@@ -107,8 +108,10 @@ def test_bad_target_arguments():
         softlabel_target(1, eta=-0.1)
     with pytest.raises(ValueError, match="tau must be positive"):
         dist2_target(1, tau=0.0)
-    with pytest.raises(ValueError, match="unknown SFT loss 'mse'; allowed: ce, softlabel, dist2"):
-        sft_loss("mse", torch.zeros(1, 12), torch.zeros(1, dtype=torch.long), DIGITS)
+    from orchestrator.methods.objectives import SFT_OBJECTIVES
+
+    with pytest.raises(ValueError, match="unknown SFT objective 'mse'; allowed: ce, softlabel, dist2, rvtc"):
+        SFT_OBJECTIVES["mse"]
     with pytest.raises(ValueError, match="10 ids"):
         ce_loss(torch.zeros(1, 12), torch.zeros(1, dtype=torch.long), DIGITS[:9])
     with pytest.raises(ValueError, match="expected logits"):
@@ -232,6 +235,13 @@ def test_dist2_tiny_tau_has_no_nan():
 # --------------------------------------------------------------------------- degenerate inputs and plumbing
 
 
+LOSS_FUNCTIONS = {"ce": ce_loss, "softlabel": softlabel_loss, "dist2": dist2_loss}
+
+
+def sft_loss(name, logits, labels, digit_token_ids, **params):
+    return LOSS_FUNCTIONS[name](logits, labels, digit_token_ids, **params)
+
+
 @pytest.mark.parametrize("name", ["ce", "softlabel", "dist2"])
 def test_all_ignored_and_empty(name):
     logits = torch.randn(3, 12, requires_grad=True)
@@ -253,7 +263,10 @@ def test_losses_have_gradients_only_where_labelled(name):
 
 @pytest.mark.parametrize(
     "name, params",
-    [("softlabel", {"psi": "poisson", "eta": 0.3, "lam": 2.0}), ("dist2", {"tau": 0.7, "alpha": 0.5, "place_value_weights": True})],
+    [
+        ("softlabel", {"psi": "poisson", "eta": 0.3, "lam": 2.0}),
+        ("dist2", {"tau": 0.7, "alpha": 0.5, "place_value_weights": True}),
+    ],
 )
 def test_vectorised_targets_match_one_position_at_a_time(name, params):
     # Every digit once, in runs of one (a regular token after each), so places are all units.

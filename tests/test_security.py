@@ -179,8 +179,7 @@ def test_no_from_pretrained_call_turns_remote_code_on_or_safetensors_off():
 # own optimizer/model state files with torch.load(weights_only=False); the files are the ones this run
 # wrote into its own storage_path, so restoring them trusts nothing the run did not create.
 ALLOWED_UNSAFE = {
-    ("orchestrator/stages/sft.py", "load_checkpoint"): "DeepSpeed restores the run's own checkpoint",
-    ("orchestrator/stages/grpo.py", "load_checkpoint"): "DeepSpeed restores the run's own checkpoint",
+    ("orchestrator/stages/context.py", "load_checkpoint"): "DeepSpeed restores the run's own checkpoint",
 }
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
 PICKLE_CALLS = {"read_pickle", "to_pickle", "loads"}

@@ -14,16 +14,22 @@ import copy
 import pytest
 import torch
 
-from orchestrator.config import load_run_config
+from orchestrator.config import SFTStage, load_run_config
 from orchestrator.data.collate import collate_sft, encode_sft_example
 from orchestrator.methods.answers import format_answer
 from orchestrator.methods.grpo import grpo_loss_terms
-from orchestrator.methods.losses import sft_loss
+from orchestrator.methods.objectives.base import build_objective
+from orchestrator.modeling.forward import (
+    build_sequences,
+    completion_mask,
+    shared_prompt_logprobs,
+    supervised_logits,
+    token_logprobs,
+)
 from orchestrator.modeling.generation import accepts_logits_to_keep
 from orchestrator.modeling.last_layer import enable_last_layer_from
 from orchestrator.modeling.models import digit_token_ids, load_model_and_tokenizer
-from orchestrator.stages.grpo import build_sequences, completion_mask, shared_prompt_logprobs, token_logprobs
-from orchestrator.stages.sft import length_groups, micro_batch_loss, supervised_logits
+from orchestrator.stages.sft import length_groups, micro_batch_loss
 
 PROMPTS = ["1939 | 71 min | Comedy", "2001 | 102 min | Drama, Romance", "87 | Short", "1968 | 149 min | Action"]
 TARGETS = [71.0, 100.0, 8.0, 45.0]
@@ -61,11 +67,16 @@ def assert_same(loss_a, grads_a, loss_b, grads_b):
         assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=max(1e-7, 1e-6 * scale)), name
 
 
+def objective(name, params, digits):
+    """The registered objective `name` with these stage fields (SFTStage field names)."""
+    return build_objective(SFTStage(loss=name, **params), digits)
+
+
 LOSSES = [
     ("ce", {"digit_weight": 1.0}),
     ("ce", {"digit_weight": 2.0}),
-    ("softlabel", {"psi": "triangular", "eta": 0.08, "lam": 2.0}),
-    ("softlabel", {"psi": "poisson", "eta": 0.02, "lam": 2.0}),
+    ("softlabel", {"psi": "triangular", "eta": 0.08, "softlabel_lambda": 2.0}),
+    ("softlabel", {"psi": "poisson", "eta": 0.02, "softlabel_lambda": 2.0}),
     ("dist2", {"tau": 1.0, "alpha": 0.1, "place_value_weights": False}),
     ("dist2", {"tau": 0.5, "alpha": 0.3, "place_value_weights": True}),
 ]
@@ -84,14 +95,14 @@ def test_sft_loss_on_supervised_positions_equals_full_logits(request, fixture, n
     # the straightforward path: full logits, every position, ignored ones masked inside the loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
-    full, n_full = sft_loss(name, logits[:, :-1, :].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                            digits, **params)
+    loss = objective(name, params, digits).loss
+    full, n_full = loss(logits[:, :-1, :].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), digits)
     full.backward()
     g_full = grads(model)
 
     kept_logits, kept_labels = supervised_logits(model, batch, keep)
     assert kept_logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
-    fast, n_fast = sft_loss(name, kept_logits, kept_labels, digits, **params)
+    fast, n_fast = loss(kept_logits, kept_labels, digits)
     fast.backward()
     assert n_fast == n_full
     assert_same(full, g_full, fast, grads(model))
@@ -253,9 +264,9 @@ def test_sft_sub_batches_of_similar_length_give_the_same_loss_and_gradients(mode
         return [collate_sft([examples[i] for i in g], tok.pad_token_id) for g in length_groups([len(e[0]) for e in examples], k)]
 
     assert sum(p["input_ids"].numel() for p in parts(groups)) < parts(1)[0]["input_ids"].numel()  # less padding
-    whole = micro_batch_loss(model, parts(1), name, params, digits)
+    whole = micro_batch_loss(model, objective(name, params, digits), parts(1))
     whole.backward()
     g_whole = grads(model)
-    split = micro_batch_loss(model, parts(groups), name, params, digits)
+    split = micro_batch_loss(model, objective(name, params, digits), parts(groups))
     split.backward()
     assert_same(whole, g_whole, split, grads(model))

@@ -28,7 +28,7 @@ from orchestrator.modeling.vision import (
     tokens_per_image,
 )
 from orchestrator.runtime.preflight import answer_token_length, check_generation_budgets
-from orchestrator.stages.grpo import build_sequences, token_logprobs
+from orchestrator.modeling.forward import build_sequences, token_logprobs
 
 SMALL_VISION = {"image_size": 32, "patch_size": 8, "merge_size": 2, "hidden_size": 32, "intermediate_size": 64}
 ARCHS = ["qwen2-vl", "smolvlm"]

@@ -135,11 +135,12 @@ class RunConfig(StrictSection):
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
         if self.deepspeed.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision=bf16 needs scaling.use_gpu=true (CPU training runs in fp32)")
-        rvtc = [i for i, s in enumerate(self.pipeline) if s.kind == "sft" and s.loss == "rvtc"]
-        if rvtc and rvtc[0] != len(self.pipeline) - 1:
-            after = self.pipeline[rvtc[0] + 1]
+        head = [i for i, s in enumerate(self.pipeline) if s.answers_through_head()]
+        if head and head[0] != len(self.pipeline) - 1:
+            after = self.pipeline[head[0] + 1]
             raise ValueError(
-                f"pipeline: sft:rvtc must be the last stage, but {after.label()} follows it (stage {rvtc[0] + 1}): "
+                f"pipeline: {self.pipeline[head[0]].label()} must be the last stage, but {after.label()} follows it "
+                f"(stage {head[0] + 1}): "
                 "its classification head replaces the text answer, which GRPO and the token-level SFT losses "
                 "train; put token-level stages before it (e.g. sft:ce -> sft:rvtc)"
             )

@@ -6,9 +6,23 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.config.base import ConfigError, StrictSection
+from orchestrator.methods.grpo import ADVANTAGE_SCALINGS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from orchestrator.methods.objectives import SFT_OBJECTIVES
+from orchestrator.methods.rewards import REWARDS
+from orchestrator.methods.schedules import LR_SCHEDULES
+
+
+def registered(registry) -> str:
+    """The registry's entries for a field description: `name` (summary; source), one after another."""
+    parts = []
+    for entry in registry:
+        doc = (entry.value.__doc__ or "").strip().split("\n")[0].rstrip(".")
+        notes = "; ".join(x for x in (doc, entry.source) if x)
+        parts.append(f"{entry.name}" + (f" ({notes})" if notes else ""))
+    return "; ".join(parts) + "."
 
 
 class StageBase(StrictSection):
@@ -19,7 +33,7 @@ class StageBase(StrictSection):
     warmup_steps: int = Field(
         0, ge=0, description="Optimizer steps of linear warm-up to lr (0: start at lr)."
     )
-    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+    lr_schedule: Literal[LR_SCHEDULES.names()] = Field(
         "linear", description="After warm-up: decay to 0 at the stage's last step (linear, as TRL's default, or "
         "cosine), or hold the peak (constant)."
     )
@@ -37,76 +51,51 @@ class StageBase(StrictSection):
     )
 
 
-SFT_LOSSES = ("ce", "softlabel", "dist2", "rvtc")
+# The registered objectives' names, in registration order.
+SFT_LOSSES = SFT_OBJECTIVES.names()
 
 
-class SFTStage(StageBase):
+class SFTChoice(StageBase):
+    """Which SFT objective a stage trains (its parameters come from the objective's own section)."""
+
+    kind: Literal["sft"] = Field("sft", description="Stage kind: supervised fine-tuning.")
+    loss: Literal[SFT_LOSSES] = Field(
+        "ce", description="The SFT objective (orchestrator/methods/objectives/), each with its parameters below: "
+        + registered(SFT_OBJECTIVES),
+    )
+
+
+# Pydantic orders fields from the last base class to the first, then the class's own: the settings every
+# stage has, the objective's name, each registered objective's parameters, then the SFT batching option.
+class SFTStage(*reversed(SFT_OBJECTIVES.param_sections()), SFTChoice):
     """Supervised fine-tuning on the answer tokens only (METHODS §3); `rvtc` instead trains a K-bin
     classification head on the last prompt token's hidden state (the model then answers through the head)."""
 
-    kind: Literal["sft"] = Field("sft", description="Stage kind: supervised fine-tuning.")
-    loss: Literal["ce", "softlabel", "dist2", "rvtc"] = Field(
-        "ce",
-        description="ce: one-hot cross-entropy; softlabel: soft targets on digit tokens (SoftLabel, seed 000); "
-        "dist2: CE plus a distance-aware KL on digit tokens (DIST²Loss, seed 003); rvtc: regression via "
-        "classification with a K-bin head (RvTC, seed 002).",
-    )
-    digit_weight: float = Field(
-        1.0, gt=0, description="`ce`: weight λ of each digit token's CE (the normaliser still counts every token "
-        "once); 2 is the control that up-weights digits as SoftLabel does, without soft targets."
-    )
-    psi: Literal["triangular", "binomial", "poisson", "uniform"] = Field(
-        "triangular",
-        description="`softlabel`: the shape ψ of the soft mass over the digits 0..9, centred on the target digit "
-        "(SoftLabel, seed 000; the shapes are defined in orchestrator/methods/losses.py).",
-    )
-    eta: float | None = Field(
-        None, ge=0, le=1, description="`softlabel`: η, the mass moved from the one-hot target to ψ: "
-        "q = (1 - η)·onehot + η·ψ. None: the paper's value for psi (triangular 0.08, binomial 0.05, "
-        "poisson 0.02, uniform 0.05)."
-    )
-    softlabel_lambda: float = Field(
-        2.0, gt=0, description="`softlabel`: λ, the weight of the digit tokens' soft CE beside the other tokens' "
-        "CE (SoftLabel, seed 000: 2)."
-    )
-    tau: float = Field(
-        1.0, gt=0, description="`dist2`: temperature τ of the digit target softmax(-(v - t)² / τ); smaller is "
-        "sharper (DIST²Loss, seed 003: 1)."
-    )
-    alpha: float = Field(
-        0.1, ge=0, description="`dist2`: α, the weight of the digit tokens' KL(target ‖ model) added to the CE "
-        "(DIST²Loss, seed 003: 0.1)."
-    )
-    place_value_weights: bool = Field(
-        False, description="`dist2`: weight each digit's KL by its place (units 1, tens 2, hundreds 3, "
-        "thousands and above 4) (DIST²Loss, seed 003)."
-    )
-    rvtc_bins: int = Field(
-        51, ge=2, description="`rvtc`: K, bins with evenly spaced centres over the training label range "
-        "(RvTC, seed 002: 51)."
-    )
     length_groups: int = Field(
         1, ge=1, description="Split each micro-batch into up to this many sub-batches of similar length, each "
         "padded only to its own longest row: the same rows and loss, less padding to compute.",
     )
 
-    def resolved_eta(self) -> float:
-        defaults = {"triangular": 0.08, "binomial": 0.05, "poisson": 0.02, "uniform": 0.05}
-        return self.eta if self.eta is not None else defaults[self.psi]
-
     def label(self) -> str:
         return f"sft:{self.loss}"
+
+    def answers_through_head(self) -> bool:
+        """Whether the model then answers through a head instead of text (no generation budget applies)."""
+        return SFT_OBJECTIVES[self.loss].answers_through_head
 
 
 class RewardTerm(StrictSection):
     """One named term of a GRPO stage's reward."""
 
-    name: str = Field(..., description="Registered reward (format, mae, accuracy, ccc) or 'module:function'.")
+    name: str = Field(
+        ..., description="A registered reward, or 'module:function' for your own: " + registered(REWARDS)
+    )
     weight: float = Field(1.0, description="Factor of this term in the summed reward.")
 
 
-class GRPOStage(StageBase):
-    """Group-relative policy optimisation (METHODS §4; GRPO: Shao et al. 2024, DeepSeekMath)."""
+class GRPOSettings(StageBase):
+    """What a GRPO stage samples, how it rewards and how it updates; the rewards' parameters come from their
+    own sections."""
 
     kind: Literal["grpo"] = Field("grpo", description="Stage kind: group-relative policy optimisation.")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW (1e-5: the official CCC-GRPO code's).")
@@ -136,7 +125,7 @@ class GRPOStage(StageBase):
         0.04, ge=0, description="β, the weight of the KL penalty to the reference policy (the policy at the start "
         "of this stage); 0.04 as the official CCC-GRPO code; 0 drops the term and loads no reference model."
     )
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+    kl_estimator: Literal[KL_ESTIMATORS.names()] = Field(
         "k3",
         description="Per-token estimator of KL(π ‖ π_ref) from sampled tokens, r = log π_ref - log π "
         "(Schulman 2020, 'Approximating KL divergence'): k1 = -r, k2 = r²/2, k3 = exp(r) - r - 1. As a loss "
@@ -151,29 +140,31 @@ class GRPOStage(StageBase):
         0.2, ge=0, description="ε_high: the ratio is clipped above at 1 + ε_high; above epsilon_low it is DAPO's "
         "'clip-higher' (Yu et al. 2025)."
     )
-    scale_rewards: bool = Field(
-        True, description="true: advantage = (r - group mean) / (group std + 1e-4) (GRPO, Shao et al. 2024); "
-        "false: r - group mean, without the std (Dr.GRPO, Liu et al. 2025)."
+    scale_rewards: Literal[ADVANTAGE_SCALINGS.names()] = Field(
+        "group", description="How the group-centred rewards r - mean(group) are scaled into advantages (true and "
+        "false are read as group and none): " + registered(ADVANTAGE_SCALINGS),
     )
     num_iterations: int = Field(
         1, ge=1, description="Policy updates per rollout batch (GRPO's μ); at 1 the ratio is 1, so clipping is "
         "inert and no old-policy forward runs."
     )
-    loss_aggregation: Literal["token_mean", "seq_mean"] = Field(
+    loss_aggregation: Literal[LOSS_AGGREGATIONS.names()] = Field(
         "token_mean",
         description="token_mean: every completion token of the global batch weighs the same (as DAPO, Yu et al. "
         "2025); seq_mean: each completion's token mean, averaged over completions (GRPO's 1/|o| "
         "normalisation, Shao et al. 2024, whose length bias Liu et al. 2025 (Dr.GRPO) point out).",
     )
-    mae_reward_form: Literal["neg_range", "one_minus_scaled"] = Field(
-        "neg_range",
-        description="The `mae` reward: neg_range = -|ŷ - y| / label range (a parse failure -1); "
-        "one_minus_scaled = 1 - min(1, |ŷ - y| / mae_scale) (a parse failure 0).",
-    )
-    mae_scale: float | None = Field(None, gt=0, description="Scale of `one_minus_scaled`; None = label range.")
-    accuracy_tolerance: float = Field(
-        0.0, ge=0, description="The `accuracy` reward is 1 when |ŷ - y| is at most this, else 0."
-    )
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scaling_from_bool(cls, value: Any) -> Any:
+        # METHODS §4 and TRL's older releases write the switch as a bool.
+        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+
+# Field order as for SFTStage: the stage's settings, each registered reward's parameters, the forward option.
+class GRPOStage(*reversed(REWARDS.param_sections()), GRPOSettings):
+    """Group-relative policy optimisation (METHODS §4; GRPO: Shao et al. 2024, DeepSeekMath)."""
+
     shared_prompt_forward: bool = Field(
         True,
         description="Run each prompt once for its G samples in the log-prob forwards (same numbers, less "
@@ -182,6 +173,9 @@ class GRPOStage(StageBase):
 
     def label(self) -> str:
         return "grpo:" + "+".join(t.name for t in self.rewards)
+
+    def answers_through_head(self) -> bool:
+        return False
 
 
 Stage = Annotated[Union[SFTStage, GRPOStage], Field(discriminator="kind")]

@@ -142,7 +142,8 @@ def softlabel_loss(logits, labels, digit_token_ids, psi: str = "triangular", eta
     return loss, valid.sum().to(ce.dtype)
 
 
-def dist2_loss(logits, labels, digit_token_ids, tau: float = 1.0, alpha: float = 0.1, place_value_weights: bool = False):
+def dist2_loss(logits, labels, digit_token_ids, tau: float = 1.0, alpha: float = 0.1,
+               place_value_weights: bool = False):
     """Σ_all CE + α·Σ_digit w·KL(p_d ‖ p_θ); p_d = dist2_target, p_θ the full-vocabulary softmax
     restricted to the digit tokens (the KL sums over v where p_d(v) > 0); normaliser N tokens."""
     valid, digits, logp, ce = _prepare(logits, labels, digit_token_ids)
@@ -158,13 +159,3 @@ def dist2_loss(logits, labels, digit_token_ids, tau: float = 1.0, alpha: float =
         weights = (places.clamp(min=0, max=PLACE_WEIGHT_CAP - 1) + 1).to(kl.dtype)
     kl_total = torch.where(is_digit, weights * kl, torch.zeros_like(kl)).sum()
     return ce.sum() + alpha * kl_total, valid.sum().to(ce.dtype)
-
-
-SFT_LOSSES = {"ce": ce_loss, "softlabel": softlabel_loss, "dist2": dist2_loss}
-
-
-def sft_loss(name: str, logits, labels, digit_token_ids, **params):
-    """Dispatch to SFT_LOSSES[name]; returns (loss_sum, normaliser)."""
-    if name not in SFT_LOSSES:
-        raise ValueError(f"unknown SFT loss {name!r}; allowed: {', '.join(SFT_LOSSES)}")
-    return SFT_LOSSES[name](logits, labels, digit_token_ids, **params)

@@ -45,7 +45,9 @@ def _region_errors(errors: np.ndarray, floor: float) -> dict[str, float]:
     }
 
 
-def dir_metrics(preds, targets, train_targets, *, label_step: float = 1.0, many: int = 100, few: int = 20) -> dict[str, float]:
+def dir_metrics(
+    preds, targets, train_targets, *, label_step: float = 1.0, many: int = 100, few: int = 20
+) -> dict[str, float]:
     """`{region}/{mae,gm,count}` for region in all/many/medium/few (regions from the TRAINING counts
     per bin), plus all/rmse, pearson, spearman, ccc, std_ratio (population std pred / std target, the
     regression-to-the-mean diagnostic) and exact. Empty region: mae and gm NaN, count 0."""

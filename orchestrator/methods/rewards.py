@@ -1,19 +1,23 @@
 """GRPO rewards (METHODS §4): plain functions on numbers, no torch.
 
 A run's reward is a weighted sum of named terms; each term is logged on its own. A term is either
-per-sample or batch-level (CCC needs the whole minibatch). Every reward function has the same
-signature, `fn(ctx: RewardContext) -> B lists of G floats`; users can name their own as
-`module:function`."""
+per-sample or batch-level (CCC needs the whole minibatch). A reward is `fn(ctx: RewardContext) -> B lists
+of G floats`; a registered one with parameters also receives its config section, `fn(ctx, params)`.
+Users name their own as `module:function`."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from orchestrator.config.base import StrictSection
 from orchestrator.methods.answers import parse_answer
 from orchestrator.methods.metrics import ccc
+from orchestrator.methods.registry import Registry
 
 Grid = list[list[float]]
 
@@ -25,7 +29,7 @@ class RewardContext:
     targets: Sequence[float]
     label_min: float
     label_max: float
-    stage: Any = None  # the GRPOStage config (mae form and scale, accuracy tolerance)
+    stage: Any = None  # the GRPOStage config: registered rewards read their parameters from it
     columns: dict[str, list] = field(default_factory=dict)  # the dataset's columns per prompt
 
     @property
@@ -33,15 +37,23 @@ class RewardContext:
         return max(self.label_max - self.label_min, 1e-12)
 
 
-REWARDS: dict[str, Callable[[RewardContext], Grid]] = {}
+REWARDS: Registry[Callable[..., Grid]] = Registry("reward")
 
 
-def register_reward(name: str):
-    def wrap(fn):
-        REWARDS[name] = fn
-        return fn
+class MaeRewardParams(StrictSection):
+    mae_reward_form: Literal["neg_range", "one_minus_scaled"] = Field(
+        "neg_range", description="Form of the point-wise `mae` reward (METHODS §4): neg_range is −|ŷ − y| / label "
+        "range (a parse failure gets −1); one_minus_scaled is 1 − min(1, |ŷ − y| / mae_scale) (a failure gets 0).",
+    )
+    mae_scale: float | None = Field(
+        None, gt=0, description="The scale of `one_minus_scaled`; None takes the training label range.",
+    )
 
-    return wrap
+
+class AccuracyRewardParams(StrictSection):
+    accuracy_tolerance: float = Field(
+        0.0, ge=0, description="`accuracy` (R1-AQA style, seed 004) pays 1 when |ŷ − y| is at most this.",
+    )
 
 
 def batch_ccc_rewards(preds: Sequence[Sequence[float | None]], targets: Sequence[float]) -> Grid:
@@ -60,7 +72,8 @@ def batch_ccc_rewards(preds: Sequence[Sequence[float | None]], targets: Sequence
     return out
 
 
-def mae_reward(pred: float | None, target: float, *, form: str, label_range: float, scale: float | None = None) -> float:
+def mae_reward(pred: float | None, target: float, *, form: str, label_range: float,
+               scale: float | None = None) -> float:
     """neg_range: −|ŷ − y| / range (a failure gets −1); one_minus_scaled: 1 − min(1, |ŷ − y| / scale)
     (a failure gets 0)."""
     if form == "neg_range":
@@ -80,28 +93,27 @@ def format_reward(text: str, parsed: float | None, label_min: float, label_max: 
     return 0.5 if ok else 0.0
 
 
-@register_reward("ccc")
+@REWARDS.register("ccc", source="CCC-GRPO (seed 001): batch-level concordance")
 def _ccc(ctx: RewardContext) -> Grid:
     return batch_ccc_rewards(ctx.parsed, ctx.targets)
 
 
-@register_reward("mae")
-def _mae(ctx: RewardContext) -> Grid:
-    form = getattr(ctx.stage, "mae_reward_form", "neg_range")
-    scale = getattr(ctx.stage, "mae_scale", None)
+@REWARDS.register("mae", params=MaeRewardParams, source="point-wise baseline of CCC-GRPO (seed 001)")
+def _mae(ctx: RewardContext, params: MaeRewardParams) -> Grid:
+    form, scale = params.mae_reward_form, params.mae_scale
     return [
         [mae_reward(p, y, form=form, label_range=ctx.label_range, scale=scale) for p in group]
         for group, y in zip(ctx.parsed, ctx.targets)
     ]
 
 
-@register_reward("accuracy")
-def _accuracy(ctx: RewardContext) -> Grid:
-    tol = getattr(ctx.stage, "accuracy_tolerance", 0.0)
+@REWARDS.register("accuracy", params=AccuracyRewardParams, source="R1-AQA (seed 004)")
+def _accuracy(ctx: RewardContext, params: AccuracyRewardParams) -> Grid:
+    tol = params.accuracy_tolerance
     return [[accuracy_reward(p, y, tol) for p in group] for group, y in zip(ctx.parsed, ctx.targets)]
 
 
-@register_reward("format")
+@REWARDS.register("format", source="METHODS §4")
 def _format(ctx: RewardContext) -> Grid:
     return [
         [format_reward(t, p, ctx.label_min, ctx.label_max) for t, p in zip(texts, parsed)]
@@ -110,11 +122,17 @@ def _format(ctx: RewardContext) -> Grid:
 
 
 def resolve_reward(name: str) -> Callable[[RewardContext], Grid]:
-    """A registered name, or `package.module:function` for a user's own reward."""
+    """A reward as a function of the context alone: a registered name (bound to its parameters from the
+    context's stage), or `package.module:function` for a user's own reward."""
     if name in REWARDS:
-        return REWARDS[name]
+        entry = REWARDS.entry(name)
+        if entry.params is None:
+            return entry.value
+        return lambda ctx: entry.value(ctx, REWARDS.params_of(name, ctx.stage))
     if ":" not in name:
-        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}, or module:function")
+        raise ValueError(
+            f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS.names()))}, or module:function"
+        )
     module_name, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)

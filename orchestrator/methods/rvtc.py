@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orchestrator.modeling.models import base_model
+from orchestrator.modeling.unwrap import base_model
 
 HEAD_ATTR = "rvtc_head"
 

@@ -10,7 +10,7 @@ import torch
 from orchestrator.data.collate import collate_prompts
 from orchestrator.modeling.last_layer import KEYWORD as LAST_LAYER_FROM
 from orchestrator.modeling.last_layer import takes_last_layer_from
-from orchestrator.modeling.models import base_model
+from orchestrator.modeling.unwrap import base_model
 
 
 @torch.no_grad()

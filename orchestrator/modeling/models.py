@@ -26,17 +26,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from orchestrator.config import VLM_SMOLLM2_SOURCE, LoraConfig, ModelConfig
-
-
-def base_model(module: nn.Module) -> nn.Module:
-    """The transformers model under a DeepSpeed engine and/or a peft wrapper."""
-    module = getattr(module, "module", module)  # DeepSpeed engine
-    if hasattr(module, "get_base_model"):  # peft
-        module = module.get_base_model()
-    return module
 
 
 SMOLLM2_SOURCE = "smollm2-135m"

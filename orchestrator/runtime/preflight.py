@@ -32,7 +32,7 @@ def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_
     A pipeline ending in sft:rvtc answers through its head at evaluation, so only its GRPO budgets count
     (it has none: rvtc is last). The tokenizer of a vision-language source answers in the same text."""
     needed = answer_token_length(tokenizer, label_min, label_max)
-    ends_in_head = bool(cfg.pipeline) and getattr(cfg.pipeline[-1], "loss", None) == "rvtc"
+    ends_in_head = bool(cfg.pipeline) and cfg.pipeline[-1].answers_through_head()
     budgets = [] if ends_in_head else [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
     budgets += [(f"pipeline.{i}.max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.pipeline) if s.kind == "grpo"]
     for field, value in budgets:
@@ -145,9 +145,11 @@ def check_ray_address(timeout_s: float = 5.0) -> None:
 def check_experiment(uri: str, name: str) -> None:
     """An experiment deleted in the MLflow UI keeps its name, and MLflow refuses new runs in it. A local
     store that does not exist yet is not created by this check."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+    from orchestrator.tracking.conventions import sqlite_path, tracking_client
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
         return
-    from orchestrator.tracking.conventions import tracking_client
 
     exp = tracking_client(uri).get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "deleted":

@@ -25,8 +25,8 @@ class StageContext:
     stage_index: int
     global_step_offset: int  # steps done in earlier stages, so train/* metrics form one curve
     log: Callable[[dict[str, float], int], None]  # rank-0 metric logger (no-op elsewhere)
-    checkpoint: Callable[[Any, int, dict[str, float]], None]  # (engine, step_in_stage, metrics)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # (engine, step_in_stage, metrics, reference policy or None): a checkpoint through Ray Train
+    checkpoint: Callable[..., None]
     # vision.ImageOnlyProcessor when the model is a VLM AND the dataset has images; None keeps every
     # stage on its text path (no image work at all).
     processor: Any = None
@@ -37,6 +37,13 @@ class StageContext:
     @property
     def stopwatch(self) -> Stopwatch:
         return Stopwatch(self.timings)
+
+    def log_due(self, done: int, total: int) -> bool:
+        """Whether train metrics are logged after `done` of `total` steps (always at the stage's end)."""
+        return done % self.cfg.tracking.log_every == 0 or done == total
+
+    def checkpoint_due(self, done: int, total: int) -> bool:
+        return done % self.cfg.checkpoint.every_steps == 0 or done == total
 
     def prompt_text(self, prompt: str) -> str:
         """The user turn: the prompt, after the image placeholders when rows carry images."""
@@ -53,3 +60,15 @@ class StageContext:
         from orchestrator.modeling.vision import ImageBatch
 
         return ImageBatch.from_bytes(self.processor, [images[int(i)] for i in rows])
+
+
+def start_engine(ctx: StageContext, stage, resume_dir: str | None):
+    """The stage's DeepSpeed engine over ctx.model, restored from `resume_dir` when resuming."""
+    from orchestrator.engine.deepspeed import build_engine
+
+    with ctx.stopwatch("deepspeed_init"):
+        engine = build_engine(ctx.model, stage, ctx.cfg)
+    if resume_dir is not None:
+        with ctx.stopwatch("checkpoint_load"):
+            engine.load_checkpoint(resume_dir, tag="ckpt", load_module_strict=True)
+    return engine

@@ -1,132 +1,189 @@
-"""One GRPO stage (METHODS §4): rollout, reward, advantage, clipped policy update — on the same
-DeepSpeed workers as SFT.
+"""One GRPO stage (METHODS §4) on the same DeepSpeed workers as SFT.
 
-Per optimizer step, each worker:
-1. takes its B prompts and samples G completions each in ONE batched, KV-cached `generate` call;
-2. parses them and computes the weighted reward terms (batch-level CCC over the worker's own
-   minibatch, or over the whole step's batch gathered from all workers: `ccc_scope`);
-3. turns rewards into group-normalised advantages;
-4. computes old-policy (and, when beta > 0, reference) log-probs once per rollout batch;
-5. runs `num_iterations` clipped-objective updates, normalising the loss over the GLOBAL batch.
+Each optimizer step reads like the algorithm:
+1. rollout: B prompts, G samples each, in one batched, KV-cached `generate` call; parse the answers;
+2. score: the weighted reward terms (a batch-level term sees this worker's minibatch or, with
+   `ccc_scope=global`, the whole step's batch gathered from all workers), then advantages;
+3. fixed log-probs: the old policy's (only when `num_iterations > 1`) and the reference's (when β > 0),
+   once per rollout batch;
+4. policy update: `num_iterations` passes of the clipped objective, normalised over the GLOBAL batch.
+Every phase is timed by one Stopwatch; each step's statistics are a StepStats, summed over the workers
+once per logging window.
 
-With images, each prompt's pixel inputs go into the generate call once (transformers encodes each
-image once for its G samples) and are repeated per sample for the log-prob forwards.
+With images, each prompt's pixel inputs go into the generate call once (transformers encodes each image
+once for its G samples) and are repeated per sample for the log-prob forwards.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from orchestrator.config import GRPOStage
-from orchestrator.data.collate import chat_prompt_ids, collate_prompts, micro_batch_indices, pad_batch
+from orchestrator.data.collate import chat_prompt_ids, micro_batch_indices
 from orchestrator.engine.collectives import all_gather_objects, all_reduce_sum
-from orchestrator.engine.deepspeed import build_engine, full_parameters, optimizer_step
+from orchestrator.engine.deepspeed import full_parameters, optimizer_step
 from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
 from orchestrator.methods.answers import parse_answer
-from orchestrator.methods.grpo import group_advantages, grpo_loss_terms
+from orchestrator.methods.grpo import LOSS_AGGREGATIONS, group_advantages, grpo_loss_terms
 from orchestrator.methods.rewards import RewardContext, compute_rewards
-from orchestrator.modeling.generation import accepts_logits_to_keep, decode_completions, generate, prompt_prefill
+from orchestrator.modeling.forward import build_sequences, completion_mask, shared_prompt_logprobs, token_logprobs
+from orchestrator.modeling.generation import accepts_logits_to_keep, decode_completions, generate
 from orchestrator.modeling.last_layer import enable_last_layer_from
-from orchestrator.stages.context import StageContext
+from orchestrator.stages.context import StageContext, start_engine
 from orchestrator.stages.timing import Stopwatch
 
 
-def token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images=None, start: int = 0, keep: bool = False
-) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for t = start+1..T-1, shape [N, T-1-start]; `images` one row per sequence.
-    `start` skips prompt positions that no row needs (the loss reads completion tokens only); with `keep`
-    the model computes the LM head for the kept positions only (`logits_to_keep`), else full logits are
-    sliced. log_softmax(x)[y] is computed as x[y] − logsumexp(x), never materialising [N, T, V] log-probs."""
-    extra = images.inputs_for(input_ids) if images is not None else {}
-    width = input_ids.shape[1] - start  # positions start..T-1; the last predicts nothing
-    if keep and start > 0:
-        extra["logits_to_keep"] = width
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, -width:-1, :].float()
-    targets = input_ids[:, start + 1 :].unsqueeze(-1)
-    return (logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, resume_dir: str | None = None):
+    """Train `stage.steps` GRPO steps; returns the engine (its module carries on to the next stage)."""
+    # Prompt prefills need the last decoder layer at the last prompt position only; enabled before the
+    # reference copy is made, so the copy's prefills skip the same work.
+    enable_last_layer_from(ctx.model)
+    reference = start_reference(ctx, stage, resume_dir)  # before the engine: ZeRO-3 partitions in place
+    engine = start_engine(ctx, stage, resume_dir)
+    prompts = PromptSource.from_train_split(ctx, stage)
+    keep_only_completions = accepts_logits_to_keep(engine)
+    window = StatsWindow()
+    for step in range(start_step, stage.steps):
+        started = time.perf_counter()
+        watch = window.watch
+        batch = prompts.batch(step)
+        with watch("generation"):
+            rollout = generate_rollout(engine, ctx, stage, batch)
+        with watch("reward"):
+            scores = score_rollout(ctx, stage, batch, rollout, watch)
+        with watch("logprobs"):
+            forward = LogProbForward.for_rollout(ctx, stage, batch, rollout, keep_only_completions)
+            old_logp, ref_logp = fixed_logprobs(engine, reference, forward, stage)
+        totals = policy_update(engine, ctx, stage, forward, scores.advantages, old_logp, ref_logp, watch)
+        window.add(StepStats.of_worker(batch, rollout, scores, forward.mask, totals, stage), len(scores.targets))
+        done = step + 1
+        if ctx.log_due(done, stage.steps):
+            with watch("collectives"):
+                per_step = window.global_stats(ctx, list(scores.per_term))
+        window.time_step(time.perf_counter() - started, ctx)
+        if ctx.log_due(done, stage.steps):
+            ctx.log(window.metrics(per_step, engine, ctx), ctx.global_step_offset + done)
+            window = StatsWindow()
+        if ctx.checkpoint_due(done, stage.steps):
+            with ctx.stopwatch("checkpoint"):
+                ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)}, reference)
+    return engine
 
 
-def shared_prompt_logprobs(
-    model, prompt_ids: list[list[int]], completions: list[list[int]], rows, group_size: int, pad_id: int,
-    width: int, keep: bool = True, device: torch.device | None = None,
-) -> torch.Tensor:
-    """log p(completion token k | prompt, completion_<k) for the samples `rows`, shape [len(rows), width]:
-    column k is completion token k (values past a completion's end are padding, masked by the caller).
-
-    The G samples of a prompt share it, so each distinct prompt runs through the model ONCE (left-padded,
-    with a key/value cache) and its cache is repeated for its samples; only the completion tokens run per
-    sample. Same log-probs and gradients as `token_logprobs` on the full rows (the prompt's states get
-    the summed gradient of its samples), at a fraction of the compute when prompts are longer than
-    completions, as they are for GRPO here."""
-    owners = [j // group_size for j in rows]
-    distinct = {p: i for i, p in enumerate(sorted(set(owners)))}  # prompt index -> its row in the prefill
-    prompts = collate_prompts([prompt_ids[p] for p in distinct], pad_id)  # left-padded: all end at one column
-    p_ids, p_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
-    out = prompt_prefill(model, p_ids, p_mask, keep_last=keep)
-    select = torch.tensor([distinct[o] for o in owners], device=p_ids.device)
-    cache = out.past_key_values
-    cache.batch_select_indices(select)  # one cache row per sample (differentiable indexing)
-    samples = [completions[j] for j in rows]
-    c_mask = completion_mask(samples, width).long().to(p_ids.device)
-    c_ids = pad_batch([s + [pad_id] * (width - len(s)) for s in samples], pad_id).to(p_ids.device)
-    c_pos = p_mask.sum(-1)[select].unsqueeze(1) + torch.arange(width, device=p_ids.device)
-    logits = model(
-        input_ids=c_ids, attention_mask=torch.cat([p_mask[select], c_mask], 1), position_ids=c_pos,
-        past_key_values=cache, use_cache=True,
-    ).logits
-    # Completion token 0 is predicted by the prompt's last position, token k by completion position k-1.
-    logits = torch.cat([out.logits[:, -1:][select], logits[:, : width - 1]], 1).float()
-    return logits.gather(-1, c_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def start_reference(ctx: StageContext, stage: GRPOStage, resume_dir: str | None) -> ReferencePolicy | None:
+    """The policy at the START of this stage, for the KL term (none at β = 0). A checkpoint stores it
+    separately, so a resumed stage compares against the same reference."""
+    if stage.beta <= 0:
+        return None
+    lora = ctx.cfg.model.lora.enabled
+    weights = load_file(str(Path(resume_dir, REFERENCE_FILE))) if resume_dir is not None and not lora else None
+    with ctx.stopwatch("deepspeed_init"):  # a copy, and a DeepSpeed engine under ZeRO-3
+        return ReferencePolicy(ctx.model, ctx.cfg, stage, lora, weights)
 
 
-def completion_mask(completions: list[list[int]], width: int) -> torch.Tensor:
-    """[N, width] float: 1 on each completion's tokens (the layout of `shared_prompt_logprobs`)."""
-    mask = torch.zeros((len(completions), width))
-    for i, c in enumerate(completions):
-        mask[i, : len(c)] = 1.0
-    return mask
+# --------------------------------------------------------------------------- 1. rollout
 
 
-def build_sequences(prompt_ids: list[list[int]], completions: list[list[int]], group_size: int, pad_id: int):
-    """Right-padded prompt+completion rows and the mask of completion positions (aligned to t = 1..T-1)."""
-    rows, comp_mask = [], []
-    for j, completion in enumerate(completions):
-        prompt = prompt_ids[j // group_size]
-        rows.append(prompt + completion)
-        comp_mask.append([0] * len(prompt) + [1] * len(completion))
-    input_ids = pad_batch(rows, pad_id)
-    attention_mask = pad_batch([[1] * len(r) for r in rows], 0)
-    mask = pad_batch(comp_mask, 0)[:, 1:].float()
-    return input_ids, attention_mask, mask
+@dataclass
+class PromptBatch:
+    """This worker's B prompts of one step, with what the rewards see of them."""
+
+    prompt_ids: list[list[int]]
+    targets: list[float]
+    columns: dict[str, list]  # the dataset's other columns, per prompt
+    pixels: Any  # ImageBatch, or None on the text path
 
 
-def step_statistics(g: list[float], world_size: int, term_names: list[str]) -> dict[str, float]:
-    """One step's logged statistics from the workers' summed vector (laid out as in run_grpo_stage):
-    sums over samples become means, per-worker means become the mean over workers."""
-    w = float(world_size)
-    n = max(g[2], 1.0)
-    mean = g[0] / n
-    stats = {
-        "reward/mean": mean,
-        "reward/std": float(np.sqrt(max(g[1] / n - mean**2, 0.0))),
-        "advantage/std": g[3] / w,
-        "kl": g[4] / w,
-        "clip_fraction": g[5] / w,
-        "parse_fail_rate": g[6] / n,
-        "completion_length": g[7] / w,
-        "pred_std_over_label_std": (g[8] / g[9]) if g[9] > 0 else float("nan"),
-        "loss": g[10],
-    }
-    for k, name in enumerate(term_names):
-        stats[f"reward/{name}"] = g[11 + k] / n
-    return stats
+@dataclass
+class PromptSource:
+    """The training split's prompts and the resumable order in which each worker draws them."""
+
+    ctx: StageContext
+    stage: GRPOStage
+    prompts: list[str]
+    targets: np.ndarray
+    columns: dict[str, list]
+    images: list[bytes] | None
+    seed: int
+
+    @classmethod
+    def from_train_split(cls, ctx: StageContext, stage: GRPOStage) -> PromptSource:
+        train = ctx.dataset.load("train")
+        # Reward terms see the row's other columns; image bytes stay out (a global-scope CCC would gather them).
+        columns = {c: train.column(c).to_pylist() for c in train.column_names if c not in ("prompt", "image")}
+        targets = np.asarray(train.column("target").to_pylist(), dtype=np.float64)
+        return cls(ctx, stage, train.column("prompt").to_pylist(), targets, columns, ctx.image_column(train),
+                   ctx.cfg.seed + 1000 * ctx.stage_index)
+
+    def batch(self, step: int) -> PromptBatch:
+        ctx = self.ctx
+        idx = micro_batch_indices(len(self.prompts), self.seed, step, 0, 1, ctx.rank, ctx.world_size,
+                                  self.stage.micro_batch_size)
+        return PromptBatch(
+            prompt_ids=[chat_prompt_ids(ctx.tokenizer, ctx.prompt_text(self.prompts[i])) for i in idx],
+            targets=self.targets[idx].tolist(),
+            columns={c: [values[i] for i in idx] for c, values in self.columns.items()},
+            pixels=ctx.image_batch(self.images, idx),
+        )
+
+
+@dataclass
+class Rollout:
+    completions: list[list[int]]  # B·G token lists, prompt i's samples at i·G .. i·G + G − 1
+    texts: list[list[str]]  # B groups of G decoded completions
+    parsed: list[list[float | None]]  # the number in each, None for a parse failure
+
+
+def generate_rollout(engine, ctx: StageContext, stage: GRPOStage, batch: PromptBatch) -> Rollout:
+    """G samples per prompt in one generate call, decoded and parsed."""
+    G = stage.group_size
+    with full_parameters(engine) as module:
+        completions = generate(
+            module, ctx.tokenizer, batch.prompt_ids, max_new_tokens=stage.max_new_tokens, do_sample=True,
+            temperature=stage.temperature, top_p=stage.top_p, num_return_sequences=G, device=ctx.device,
+            images=batch.pixels,
+        )
+    flat = decode_completions(ctx.tokenizer, completions)
+    texts = [flat[i * G : (i + 1) * G] for i in range(len(batch.prompt_ids))]
+    return Rollout(completions, texts, [[parse_answer(t) for t in group] for group in texts])
+
+
+# --------------------------------------------------------------------------- 2. score
+
+
+@dataclass
+class Scores:
+    rewards: torch.Tensor  # [B·G] this worker's weighted rewards
+    advantages: torch.Tensor  # [B·G] on the training device
+    per_term: dict[str, list[list[float]]]  # each term's B x G values on this worker
+    targets: list[float]  # the targets the batch-level terms saw (this worker's or the whole step's)
+
+
+def score_rollout(ctx: StageContext, stage: GRPOStage, batch: PromptBatch, rollout: Rollout, watch) -> Scores:
+    """Weighted reward terms, then group-relative advantages."""
+    texts, parsed, targets, columns, lo, hi = rollout.texts, rollout.parsed, batch.targets, batch.columns, 0, None
+    if stage.ccc_scope == "global" and ctx.world_size > 1:
+        with watch("collectives"):
+            (parsed, targets, texts), columns, offsets = global_rollout(rollout.parsed, batch.targets,
+                                                                        rollout.texts, batch.columns)
+        lo, hi = offsets[ctx.rank], offsets[ctx.rank + 1]
+    ds = ctx.dataset
+    reward_ctx = RewardContext(texts=texts, parsed=parsed, targets=targets, label_min=ds.label_min,
+                               label_max=ds.label_max, stage=stage, columns=columns)
+    total, per_term = compute_rewards([(t.name, t.weight) for t in stage.rewards], reward_ctx)
+    hi = len(total) if hi is None else hi
+    rewards = torch.tensor([r for group in total[lo:hi] for r in group], dtype=torch.float32)
+    advantages = group_advantages(rewards, stage.group_size, scale=stage.scale_rewards).to(ctx.device)
+    mine = {name: values[lo:hi] for name, values in per_term.items()}
+    return Scores(rewards, advantages, mine, targets)
 
 
 def global_rollout(parsed: list[list[float | None]], targets: list[float], texts, columns):
@@ -138,135 +195,96 @@ def global_rollout(parsed: list[list[float | None]], targets: list[float], texts
     return merged, merged_columns, offsets
 
 
-def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, resume_dir: str | None = None):
-    # Prompt prefills need the last decoder layer at the last prompt position only; enabled before the
-    # reference copy is made, so the copy's prefills skip the same work.
-    enable_last_layer_from(ctx.model)
-    reference = None
-    if stage.beta > 0:
-        # The reference is the policy at the START of this stage; a checkpoint stores it separately.
-        lora = ctx.cfg.model.lora.enabled
-        saved = Path(resume_dir or "", REFERENCE_FILE)
-        weights = load_file(str(saved)) if resume_dir is not None and not lora else None
-        with ctx.stopwatch("deepspeed_init"):  # a copy, and a DeepSpeed engine under ZeRO-3
-            reference = ReferencePolicy(ctx.model, ctx.cfg, stage, lora, weights)
-    with ctx.stopwatch("deepspeed_init"):
-        engine = build_engine(ctx.model, stage, ctx.cfg)
-    if resume_dir is not None:
-        with ctx.stopwatch("checkpoint_load"):
-            engine.load_checkpoint(resume_dir, tag="ckpt")
-    ctx.extra["reference"] = reference
-    keep = accepts_logits_to_keep(engine)
-    # Prompt-shared forwards on the text path; images (placeholder expansion) and ZeRO-3 (parameters
-    # gathered per forward call) take the per-row path.
-    shared_prompts = (
-        stage.shared_prompt_forward and ctx.processor is None and ctx.cfg.deepspeed.zero_stage < 3
-    )
+# --------------------------------------------------------------------------- 3. fixed log-probs
 
-    ds = ctx.dataset
-    train = ds.load("train")
-    prompts = train.column("prompt").to_pylist()
-    targets_all = np.asarray(train.column("target").to_pylist(), dtype=np.float64)
-    images = ctx.image_column(train)
-    # Reward terms see the row's other columns; image bytes stay out (a global-scope CCC would all-gather them).
-    extra_cols = [c for c in train.column_names if c not in ("prompt", "image")]
-    columns_all = {c: train.column(c).to_pylist() for c in extra_cols}
-    B, G = stage.micro_batch_size, stage.group_size
-    seed = ctx.cfg.seed + 1000 * ctx.stage_index
-    terms = [(t.name, t.weight) for t in stage.rewards]
-    tok = ctx.tokenizer
-    timings: dict[str, float] = defaultdict(float)
-    window_local: list[list[float]] = []  # per step: this worker's sums, reduced once per log window
-    window_prompts: list[float] = []
-    watch = Stopwatch(timings)
 
-    for step in range(start_step, stage.steps):
-        t_step = time.perf_counter()
-        idx = micro_batch_indices(len(prompts), seed, step, 0, 1, ctx.rank, ctx.world_size, B)
-        prompt_ids = [chat_prompt_ids(tok, ctx.prompt_text(prompts[i])) for i in idx]
-        pixels = ctx.image_batch(images, idx)  # None on the text path
-        targets = targets_all[idx].tolist()
-        columns = {c: [columns_all[c][i] for i in idx] for c in extra_cols}
+@dataclass
+class LogProbForward:
+    """How this rollout's log-probs are computed: the samples split into `grad_accum` chunks, each
+    chunk's log-probs from a model, and the mask of completion tokens in the same layout."""
 
-        # 1. rollout: B prompts x G samples, one generate call
-        t0 = time.perf_counter()
-        with full_parameters(engine) as module:
-            completions = generate(
-                module, tok, prompt_ids, max_new_tokens=stage.max_new_tokens, do_sample=True,
-                temperature=stage.temperature, top_p=stage.top_p, num_return_sequences=G, device=ctx.device,
-                images=pixels,
-            )
-        texts_flat = decode_completions(tok, completions)
-        texts = [texts_flat[i * G : (i + 1) * G] for i in range(B)]
-        parsed = [[parse_answer(t) for t in group] for group in texts]
-        timings["generation"] += time.perf_counter() - t0
+    chunks: list[np.ndarray]
+    chunk_pixels: list[Any]
+    mask: torch.Tensor
+    logprobs: Callable[[Any, np.ndarray, Any], torch.Tensor]  # (model, chunk rows, chunk pixels) -> log-probs
 
-        # 2. rewards (batch-level terms see the worker's minibatch or the global one)
-        t0 = time.perf_counter()
-        if stage.ccc_scope == "global" and ctx.world_size > 1:
-            with watch("collectives"):
-                (g_parsed, g_targets, g_texts), g_columns, offsets = global_rollout(parsed, targets, texts, columns)
-            lo, hi = offsets[ctx.rank], offsets[ctx.rank + 1]
-        else:
-            g_parsed, g_targets, g_texts, g_columns, lo, hi = parsed, targets, texts, columns, 0, B
-        rctx = RewardContext(
-            texts=g_texts, parsed=g_parsed, targets=g_targets, label_min=ds.label_min, label_max=ds.label_max,
-            stage=stage, columns=g_columns,
-        )
-        total, per_term = compute_rewards(terms, rctx)
-        rewards = torch.tensor([r for group in total[lo:hi] for r in group], dtype=torch.float32)
-        advantages = group_advantages(rewards, G, scale=stage.scale_rewards).to(ctx.device)
-        timings["reward"] += time.perf_counter() - t0
+    def all_chunks(self, model) -> torch.Tensor:
+        return torch.cat([self.logprobs(model, c, px) for c, px in zip(self.chunks, self.chunk_pixels)])
 
-        # 3. old-policy and reference log-probs, once per rollout batch
-        t0 = time.perf_counter()
+    @classmethod
+    def for_rollout(cls, ctx: StageContext, stage: GRPOStage, batch: PromptBatch, rollout: Rollout, keep: bool):
+        """`keep`: the model takes `logits_to_keep`, so the LM head runs only where log-probs are read."""
+        G, B = stage.group_size, len(batch.prompt_ids)
         chunks = np.array_split(np.arange(B * G), stage.grad_accum)
-        sample_pixels = pixels.repeat(G) if pixels is not None else None  # row j shows prompt j // G's image
+        sample_pixels = batch.pixels.repeat(G) if batch.pixels is not None else None  # row j: prompt j // G
         chunk_pixels = [sample_pixels.select(c) if sample_pixels is not None else None for c in chunks]
-        if shared_prompts:
-            # Each prompt runs once per chunk and its cache serves its G samples; log-probs and the mask
-            # are laid out per completion token.
-            width = max(1, max(len(c) for c in completions))
-            mask = completion_mask(completions, width).to(ctx.device)
+        pad_id = ctx.tokenizer.pad_token_id
+        # Prompt-shared forwards on the text path; images (placeholder expansion) and ZeRO-3 (parameters
+        # gathered per forward call) take the per-row path.
+        if stage.shared_prompt_forward and ctx.processor is None and ctx.cfg.deepspeed.zero_stage < 3:
+            # Each prompt runs once per chunk and its cache serves its G samples; log-probs and the mask are
+            # laid out per completion token.
+            width = max(1, max(len(c) for c in rollout.completions))
+            mask = completion_mask(rollout.completions, width).to(ctx.device)
 
             def logprobs(model, c, px):
-                return shared_prompt_logprobs(
-                    model, prompt_ids, completions, c.tolist(), G, tok.pad_token_id, width, keep, ctx.device
-                )
-        else:
-            input_ids, attention_mask, mask = build_sequences(prompt_ids, completions, G, tok.pad_token_id)
-            # The loss reads completion tokens only: log-probs start at the shortest prompt's last token (the
-            # first position that predicts a completion token in any row). On the image path the model may
-            # expand placeholders, so every position is kept there.
-            start = min(len(p) for p in prompt_ids) - 1 if pixels is None else 0
-            mask = mask[:, start:]
-            input_ids, attention_mask, mask = input_ids.to(ctx.device), attention_mask.to(ctx.device), mask.to(ctx.device)
+                return shared_prompt_logprobs(model, batch.prompt_ids, rollout.completions, c.tolist(), G, pad_id,
+                                              width, keep, ctx.device)
 
-            def logprobs(model, c, px):
-                return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep)
+            return cls(chunks, chunk_pixels, mask, logprobs)
+        input_ids, attention_mask, mask = build_sequences(batch.prompt_ids, rollout.completions, G, pad_id)
+        # The loss reads completion tokens only: log-probs start at the shortest prompt's last token (the first
+        # position that predicts a completion token in any row). On the image path the model may expand
+        # placeholders, so every position is kept there.
+        start = min(len(p) for p in batch.prompt_ids) - 1 if batch.pixels is None else 0
+        input_ids, attention_mask = input_ids.to(ctx.device), attention_mask.to(ctx.device)
 
-        with torch.no_grad():
-            # With one update per rollout the policy has not moved since it sampled: its old log-probs are
-            # the update's own log-probs, detached (ratio 1), so no separate forward is needed.
-            old_logp = None
-            if stage.num_iterations > 1:
-                old_logp = torch.cat([logprobs(engine, c, px) for c, px in zip(chunks, chunk_pixels)])
-            ref_logp = None
-            if reference is not None:
-                with reference.forward_model(engine) as ref_model:
-                    ref_logp = torch.cat([logprobs(ref_model, c, px) for c, px in zip(chunks, chunk_pixels)])
-        timings["logprobs"] += time.perf_counter() - t0
+        def logprobs(model, c, px):
+            return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep)
 
-        # 4. clipped-objective updates, normalised over the whole step's batch across workers
-        local_norm = float(mask.sum()) if stage.loss_aggregation == "token_mean" else float(B * G)
-        with watch("collectives"):
-            (global_norm,) = all_reduce_sum([local_norm], ctx.device)
-        scale = ctx.world_size * stage.grad_accum / max(global_norm, 1.0)
-        stats = defaultdict(float)
-        for _ in range(stage.num_iterations):
-            t0 = time.perf_counter()
-            for c, px in zip(chunks, chunk_pixels):
-                logp = logprobs(engine, c, px)
+        return cls(chunks, chunk_pixels, mask[:, start:].to(ctx.device), logprobs)
+
+
+@torch.no_grad()
+def fixed_logprobs(engine, reference: ReferencePolicy | None, forward: LogProbForward, stage: GRPOStage):
+    """(old-policy log-probs, reference log-probs), each None where not needed. With one update per rollout
+    the policy has not moved since it sampled: its old log-probs are the update's own, detached (ratio 1),
+    so no separate forward is needed."""
+    old_logp = forward.all_chunks(engine) if stage.num_iterations > 1 else None
+    ref_logp = None
+    if reference is not None:
+        with reference.forward_model(engine) as ref_model:
+            ref_logp = forward.all_chunks(ref_model)
+    return old_logp, ref_logp
+
+
+# --------------------------------------------------------------------------- 4. policy update
+
+
+@dataclass
+class UpdateTotals:
+    """Sums over this worker's update passes, for the step's statistics."""
+
+    loss: float = 0.0
+    kl: float = 0.0  # token-weighted
+    clipped: float = 0.0  # token-weighted
+    tokens: float = 0.0
+    global_normaliser: float = 1.0
+
+
+def policy_update(engine, ctx: StageContext, stage: GRPOStage, forward: LogProbForward, advantages: torch.Tensor,
+                  old_logp, ref_logp, watch: Stopwatch) -> UpdateTotals:
+    """`num_iterations` passes of the clipped objective over the rollout, one optimizer step per chunk."""
+    mask = forward.mask
+    local_norm = float(LOSS_AGGREGATIONS[stage.loss_aggregation].normaliser(mask))
+    with watch("collectives"):
+        (global_norm,) = all_reduce_sum([local_norm], ctx.device)
+    scale = ctx.world_size * stage.grad_accum / max(global_norm, 1.0)
+    totals = UpdateTotals(global_normaliser=global_norm)
+    for _ in range(stage.num_iterations):
+        for c, px in zip(forward.chunks, forward.chunk_pixels):
+            with watch("forward_backward"):
+                logp = forward.logprobs(engine, c, px)
                 out = grpo_loss_terms(
                     logp, logp.detach() if old_logp is None else old_logp[c],
                     None if ref_logp is None else ref_logp[c], advantages[c], mask[c],
@@ -274,58 +292,115 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
                     eps_high=stage.epsilon_high, aggregation=stage.loss_aggregation,
                 )
                 engine.backward(out["loss_sum"] * scale)
-                t1 = time.perf_counter()
-                timings["forward_backward"] += t1 - t0
+            with watch("optimizer"):
                 optimizer_step(engine)
-                timings["optimizer"] += time.perf_counter() - t1
-                t0 = time.perf_counter()
-                weight = float(mask[c].sum())
-                stats["loss"] += float(out["loss_sum"].detach())
-                stats["kl"] += float(out["kl_mean"]) * weight
-                stats["clip"] += float(out["clip_fraction"]) * weight
-                stats["tokens"] += weight
+            weight = float(mask[c].sum())
+            totals.loss += float(out["loss_sum"].detach())
+            totals.kl += float(out["kl_mean"]) * weight
+            totals.clipped += float(out["clip_fraction"]) * weight
+            totals.tokens += weight
+    return totals
 
-        # 5. statistics for this step (summed over workers so rank 0 logs the global picture)
-        flat_parsed = [p for group in parsed for p in group]
-        ok = [p for p in flat_parsed if p is not None]
-        local = [
-            float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()),
-            float(advantages.std()) if advantages.numel() > 1 else 0.0,
-            stats["kl"] / max(stats["tokens"], 1.0), stats["clip"] / max(stats["tokens"], 1.0),
-            float(len(flat_parsed) - len(ok)), float(mask.sum()) / (B * G),
-            float(np.std(ok)) if len(ok) > 1 else 0.0, float(np.std(targets)) if len(targets) > 1 else 0.0,
-            stats["loss"] / max(global_norm, 1.0) / stage.num_iterations,
-        ]
-        for name, values in per_term.items():
-            vals = [r for group in values[lo:hi] for r in group]
-            local.append(float(np.sum(vals)))
-        window_local.append(local)
-        window_prompts.append(float(len(g_targets)))
 
-        done = step + 1
-        log_now = done % ctx.cfg.tracking.log_every == 0 or done == stage.steps
-        if log_now:
-            # One collective per logging window, not per step: every step's statistics from every worker.
-            with watch("collectives"):
-                summed = all_reduce_sum([v for row in window_local for v in row], ctx.device)
-            width = len(window_local[0])
-            per_step = [step_statistics(summed[i : i + width], ctx.world_size, list(per_term)) for i in range(0, len(summed), width)]
-        took = time.perf_counter() - t_step
-        timings["step"] += took
-        ctx.stopwatch.add("train", took)
+# --------------------------------------------------------------------------- statistics
 
-        if log_now:
-            metrics = {f"train/{k}": float(np.nanmean([row[k] for row in per_step])) for k in per_step[0]}
-            metrics["train/effective_batch_prompts"] = float(np.mean(window_prompts))
-            steps_in_window = len(per_step)
-            metrics.update({f"time/{k}_s": v / steps_in_window for k, v in timings.items()})
-            metrics["train/lr"] = engine.get_lr()[0]
-            metrics["train/stage"] = float(ctx.stage_index)
-            ctx.log(metrics, ctx.global_step_offset + done)
-            window_local.clear()
-            window_prompts.clear()
-            timings.clear()
-        if done % ctx.cfg.checkpoint.every_steps == 0 or done == stage.steps:
-            with ctx.stopwatch("checkpoint"):
-                ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
-    return engine
+
+@dataclass
+class StepStats:
+    """One step's statistics on one worker, as numbers whose sum over the workers gives the step's picture:
+    sums over samples (rewards, parse failures) and per-worker means (advantage std, KL, ...) that become
+    means over the workers."""
+
+    reward_sum: float
+    reward_square_sum: float
+    samples: float
+    advantage_std: float
+    kl: float
+    clip_fraction: float
+    parse_failures: float
+    completion_length: float
+    prediction_std: float  # of this worker's parsed answers
+    target_std: float
+    loss: float
+    term_sums: dict[str, float] = field(default_factory=dict)  # each reward term's sum over samples
+
+    @classmethod
+    def of_worker(cls, batch: PromptBatch, rollout: Rollout, scores: Scores, mask: torch.Tensor,
+                  totals: UpdateTotals, stage: GRPOStage) -> StepStats:
+        parsed = [p for group in rollout.parsed for p in group]
+        ok = [p for p in parsed if p is not None]
+        rewards, advantages, tokens = scores.rewards, scores.advantages, max(totals.tokens, 1.0)
+        return cls(
+            reward_sum=float(rewards.sum()), reward_square_sum=float((rewards**2).sum()),
+            samples=float(rewards.numel()),
+            advantage_std=float(advantages.std()) if advantages.numel() > 1 else 0.0,
+            kl=totals.kl / tokens, clip_fraction=totals.clipped / tokens,
+            parse_failures=float(len(parsed) - len(ok)), completion_length=float(mask.sum()) / len(parsed),
+            prediction_std=float(np.std(ok)) if len(ok) > 1 else 0.0,
+            target_std=float(np.std(batch.targets)) if len(batch.targets) > 1 else 0.0,
+            loss=totals.loss / max(totals.global_normaliser, 1.0) / stage.num_iterations,
+            term_sums={name: float(np.sum([r for group in values for r in group]))
+                       for name, values in scores.per_term.items()},
+        )
+
+    def vector(self) -> list[float]:
+        """The numbers in a fixed order (the fields, then the reward terms), for one all-reduce."""
+        return [getattr(self, f.name) for f in fields(self) if f.name != "term_sums"] + list(self.term_sums.values())
+
+    @classmethod
+    def from_vector(cls, values: list[float], term_names: list[str]) -> StepStats:
+        n = len(fields(cls)) - 1
+        return cls(*values[:n], term_sums=dict(zip(term_names, values[n:])))
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        """The logged statistics of a step whose numbers were summed over `world_size` workers."""
+        w, n = float(world_size), max(self.samples, 1.0)
+        mean = self.reward_sum / n
+        return {
+            "reward/mean": mean,
+            "reward/std": float(np.sqrt(max(self.reward_square_sum / n - mean**2, 0.0))),
+            "advantage/std": self.advantage_std / w,
+            "kl": self.kl / w,
+            "clip_fraction": self.clip_fraction / w,
+            "parse_fail_rate": self.parse_failures / n,
+            "completion_length": self.completion_length / w,
+            "pred_std_over_label_std": self.prediction_std / self.target_std if self.target_std > 0 else float("nan"),
+            "loss": self.loss,
+            **{f"reward/{name}": value / n for name, value in self.term_sums.items()},
+        }
+
+
+@dataclass
+class StatsWindow:
+    """The steps since the last log: each step's StepStats, the prompts its batch-level rewards saw, wall time
+    and phase timings."""
+
+    steps: list[StepStats] = field(default_factory=list)
+    prompts: list[float] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.watch = Stopwatch(self.phases)
+
+    def add(self, stats: StepStats, prompts_seen: int) -> None:
+        self.steps.append(stats)
+        self.prompts.append(float(prompts_seen))
+
+    def time_step(self, seconds: float, ctx: StageContext) -> None:
+        self.watch.add("step", seconds)
+        ctx.stopwatch.add("train", seconds)
+
+    def global_stats(self, ctx: StageContext, term_names: list[str]) -> list[StepStats]:
+        """Every step's statistics summed over the workers: one collective per logging window, not per step."""
+        summed = all_reduce_sum([v for stats in self.steps for v in stats.vector()], ctx.device)
+        width = len(self.steps[0].vector())
+        return [StepStats.from_vector(summed[i : i + width], term_names) for i in range(0, len(summed), width)]
+
+    def metrics(self, per_step: list[StepStats], engine, ctx: StageContext) -> dict[str, float]:
+        rows = [stats.metrics(ctx.world_size) for stats in per_step]
+        metrics = {f"train/{k}": float(np.nanmean([row[k] for row in rows])) for k in rows[0]}
+        metrics["train/effective_batch_prompts"] = float(np.mean(self.prompts))
+        metrics.update({f"time/{k}_s": v / len(rows) for k, v in self.phases.items()})
+        metrics["train/lr"] = engine.get_lr()[0]
+        metrics["train/stage"] = float(ctx.stage_index)
+        return metrics
