@@ -26,7 +26,7 @@ def worker_grads(rank: int, step: int) -> list[torch.Tensor | None]:
 def run_worker(rank: int, port: int, folder: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    params = [torch.nn.Parameter(torch.zeros(3, 5)), torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((3, 5), (7,), (2, 2))]
     shared = shared_gradients_for(params, folder)
     assert shared is not None
     results = []
@@ -112,3 +112,47 @@ def test_other_cpus_keep_gloos_barrier(tmp_path, monkeypatch, process_group):
     calls.clear()
     shared.average_()
     assert calls == [1] and torch.equal(param.grad, torch.arange(4.0)) and shared.barriers_passed == 0
+
+
+def test_an_engine_keeps_its_shared_gradients_outside_deepspeeds_object(tmp_path, monkeypatch, process_group):
+    """build_engine keeps an engine's SharedGradients in engine.deepspeed (`shared_gradients_of`), not on
+    DeepSpeed's object, and turns DeepSpeed's all-reduce off; optimizer_step averages through it once a
+    step. One worker: the mean is the gradient itself, so the weights follow an engine left to DeepSpeed."""
+    import copy
+    import functools
+
+    import orchestrator.engine.deepspeed as engines
+    import orchestrator.engine.shared_grads as shared_grads
+    from orchestrator.config import load_run_config
+    from orchestrator.modeling.models import build_digit_tokenizer, load_model_and_tokenizer
+
+    cfg = load_run_config(overrides=[
+        "deepspeed.zero_stage=0", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+        "pipeline=sft:ce", "pipeline.0.grad_accum=1", "pipeline.0.lr=1e-2",
+    ])
+    stage = cfg.pipeline[0]
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    by_deepspeed = engines.build_engine(copy.deepcopy(model), stage, cfg)
+    monkeypatch.setattr(engines, "uses_shared_memory_grads", lambda cfg: True)
+    in_tmp = functools.partial(shared_grads.shared_gradients_for, folder=tmp_path)  # whatever /dev/shm's room
+    monkeypatch.setattr(engines, "shared_gradients_for", in_tmp)
+    start = [p.detach().clone() for p in model.parameters()]
+    by_shared_memory = engines.build_engine(model, stage, cfg)
+
+    shared = engines.shared_gradients_of(by_shared_memory)
+    assert isinstance(shared, SharedGradients) and engines.shared_gradients_of(by_deepspeed) is None
+    assert "shared_gradients" not in vars(by_shared_memory)
+    assert by_shared_memory.enable_backward_allreduce is False and by_deepspeed.enable_backward_allreduce is True
+    averages = []
+    average = shared.average_
+    monkeypatch.setattr(shared, "average_", lambda: (averages.append(1), average()))
+    ids = torch.tensor([build_digit_tokenizer().encode("<answer>42</answer>", add_special_tokens=False)])
+    for engine in (by_deepspeed, by_shared_memory):
+        for _ in range(2):
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engines.optimizer_step(engine)
+    assert len(averages) == 2
+    trained = list(by_shared_memory.module.parameters())
+    assert not all(torch.equal(p, q) for p, q in zip(start, trained))
+    for p, q in zip(by_deepspeed.module.parameters(), trained):
+        assert torch.equal(p, q)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from orchestrator import compat
 from orchestrator.config import DeepSpeedConfig, RunConfig
-from orchestrator.engine.shared_grads import shared_gradients_for
+from orchestrator.engine.shared_grads import SharedGradients, shared_gradients_for
 from orchestrator.methods.schedules import lr_factor
+
+# The SharedGradients of each engine that averages its gradients through shared memory: kept here rather
+# than on DeepSpeed's engine object, and dropped with the engine.
+_SHARED_GRADIENTS: weakref.WeakKeyDictionary[Any, SharedGradients] = weakref.WeakKeyDictionary()
 
 
 def deepspeed_json(stage, ds: DeepSpeedConfig, use_gpu: bool) -> dict[str, Any]:
@@ -33,25 +39,16 @@ def deepspeed_json(stage, ds: DeepSpeedConfig, use_gpu: bool) -> dict[str, Any]:
     }
 
 
-def _skip_cpu_shm_op() -> None:
-    """DeepSpeed JIT-compiles a shared-memory all-reduce op (60-90 s) the first time its comm layer
-    starts on CPU. That op serves DeepSpeed inference, not ZeRO training over gloo: mark it
-    unavailable so nothing compiles."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
     """A DeepSpeed engine for one stage: torch AdamW (fused), warm-up, then the stage's lr schedule."""
     import deepspeed
 
     if not cfg.scaling.use_gpu:
-        _skip_cpu_shm_op()
+        compat.skip_deepspeed_cpu_shm_op()
 
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     # fused: torch's one-kernel AdamW (CPU and GPU), the same update as the per-tensor loop at a fraction
-    # of its time (134M parameters on 2 CPU threads: 0.10 s a step against 0.35 s, measured).
+    # of its time.
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, stage.warmup_steps, stage.steps, stage.lr_schedule)
@@ -69,20 +66,25 @@ def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
         dist_init_required=False,
     )
     if shared is not None:
-        engine.enable_backward_allreduce = False  # optimizer_step averages through shared memory instead
-    engine.shared_gradients = shared
-    if fp32_zero0:
-        # DeepSpeed clips fp32 ZeRO-0 gradients itself (engine.clip_fp32_gradients); this one gives the
-        # same scale without its collective.
-        engine.clip_fp32_gradients = functools.partial(clip_averaged_gradients_, engine.module, config["gradient_clipping"])
+        compat.disable_backward_allreduce(engine)  # optimizer_step averages through shared memory instead
+        _SHARED_GRADIENTS[engine] = shared
+    if fp32_zero0:  # the same clipping as DeepSpeed's, without its collective
+        clip = functools.partial(clip_averaged_gradients_, engine.module, config["gradient_clipping"])
+        compat.replace_fp32_clipping(engine, clip)
     return engine
+
+
+def shared_gradients_of(engine) -> SharedGradients | None:
+    """The SharedGradients that average this engine's gradients (build_engine), or None where DeepSpeed's
+    own all-reduce does."""
+    return _SHARED_GRADIENTS.get(engine)
 
 
 def clip_averaged_gradients_(module: torch.nn.Module, max_norm: float) -> None:
     """Scale every gradient by max_norm / (norm + 1e-6) where that is below 1, norm being the 2-norm of
     all of them: DeepSpeed's fp32 clipping without its all-reduce of the norm over the workers. Under
     ZeRO-0 every worker already holds the same averaged gradients, hence the same norm, and that
-    all-reduce costs a gloo round trip (1-2 ms) per step on CPU. A factor of 1 skips the pass over the
+    all-reduce costs a gloo round trip per step on CPU. A factor of 1 skips the pass over the
     gradients (multiplying by 1 changes nothing)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -96,7 +98,7 @@ def clip_averaged_gradients_(module: torch.nn.Module, max_norm: float) -> None:
 
 def uses_shared_memory_grads(cfg: RunConfig) -> bool:
     """Whether an fp32 ZeRO-0 stage's gradients may be averaged through shared memory
-    (orchestrator/shared_grads.py): on CPU, more than one worker, and the setting on."""
+    (engine/shared_grads.py): on CPU, more than one worker, and the setting on."""
     return (
         cfg.deepspeed.shared_memory_grads and not cfg.scaling.use_gpu
         and dist.is_initialized() and dist.get_world_size() > 1
@@ -106,8 +108,9 @@ def uses_shared_memory_grads(cfg: RunConfig) -> bool:
 def optimizer_step(engine) -> None:
     """engine.step(); at a gradient-accumulation boundary, after averaging the gradients through shared
     memory where build_engine set that up (DeepSpeed's own all-reduce is then off)."""
-    if engine.shared_gradients is not None and engine.is_gradient_accumulation_boundary():
-        engine.shared_gradients.average_()
+    shared = shared_gradients_of(engine)
+    if shared is not None and engine.is_gradient_accumulation_boundary():
+        shared.average_()
     engine.step()
 
 

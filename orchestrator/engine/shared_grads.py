@@ -105,9 +105,9 @@ class SharedGradients:
 
     def wait_for_every_worker(self) -> None:
         """A barrier through the shared file: post this worker's arrival count, then poll until every
-        worker has posted it. Gloo's barrier sleeps, and waking a sleeping worker costs 1-2 ms on a VM
-        (measured on 2 CPUs between 2.7 ms steps: gloo +1.1-2 ms a step, this one +0.1 ms); polling with
-        sched_yield never sleeps yet lets any other runnable process on this CPU go first."""
+        worker has posted it. Gloo's barrier sleeps, and waking a sleeping worker costs a millisecond or
+        more on a VM, a large share of a small model's step; polling with sched_yield never sleeps yet
+        lets any other runnable process on this CPU go first."""
         if not SPIN_BARRIER:
             dist.barrier()
             return

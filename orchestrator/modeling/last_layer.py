@@ -8,14 +8,14 @@ and MLP only from `start` on. The result at those positions is the full forward'
 (tests/test_last_layer.py).
 
 On the 2-layer tiny models of the CPU grids, where prompts are longer than answers, this skips about a
-quarter of an SFT step's compute (SFT step 45 -> 39 ms, measured); on a 30-layer model it is ~2%.
+quarter of an SFT step's compute; on a 30-layer model about 2%.
 
 `enable_last_layer_from(model)` gives the model's last decoder layer a forward that takes one more
 keyword, `last_layer_from=start`, passed through the model's own forward call (so a DeepSpeed engine's
-forward, hooks and ZeRO stages are unchanged). Without that keyword the layer runs as before, and its
-parameters, state-dict names and checkpoints never change. It supports the Llama and Qwen2 layouts
-(every text model this project builds or ships) with sdpa or eager attention; other models keep the full
-forward."""
+forward, hooks and ZeRO stages are unchanged); the swap itself is `compat.override_forward`. Without that
+keyword the layer runs as before, and its parameters, state-dict names and checkpoints never change. It
+supports the Llama and Qwen2 layouts (every text model this project builds or ships) with sdpa or eager
+attention; other models keep the full forward."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from orchestrator.modeling.models import base_model
+from orchestrator import compat
+from orchestrator.modeling.unwrap import base_model
 
 KEYWORD = "last_layer_from"
-LAYOUTS = ("llama", "qwen2")  # decoder layers: input_layernorm, self_attn (q/k/v/o_proj, rotary), post_attention_layernorm, mlp
+# Decoder layers made of input_layernorm, self_attn (q/k/v/o_proj, rotary), post_attention_layernorm, mlp.
+LAYOUTS = ("llama", "qwen2")
 ATTENTION = ("sdpa", "eager")  # implementations whose masks are [B, 1, queries, keys] tensors or None
 
 
@@ -50,18 +52,18 @@ def enable_last_layer_from(model) -> bool:
     layer = _last_decoder_layer(model)
     if layer is None:
         return False
-    if "forward" not in vars(layer):
-        layer.forward = _forward.__get__(layer)  # this instance only: the class and other models are untouched
+    compat.override_forward(layer, _forward)  # this instance only: the class and other models are untouched
     return True
 
 
 def takes_last_layer_from(model) -> bool:
     """Whether `enable_last_layer_from` was applied to this model."""
     layer = _last_decoder_layer(model)
-    return layer is not None and "forward" in vars(layer)
+    return layer is not None and compat.has_own_forward(layer)
 
 
 def _forward(layer, hidden_states, *args, last_layer_from: int | None = None, **kwargs):
+    """The layer's own forward, or from `last_layer_from` on when that keyword is given."""
     if last_layer_from is None:
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     return last_layer_at(
