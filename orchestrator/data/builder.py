@@ -23,15 +23,16 @@ import pyarrow.parquet as pq
 from orchestrator.config import DataConfig, resolve_path
 from orchestrator.data.conventions import DataError
 from orchestrator.data.images import summarize_images
-from orchestrator.data.protocol import REGIONS, bin_counts, label_bins, shot_regions
+from orchestrator.data.protocol import REGIONS, bin_counts, label_bins, region_of_count, shot_regions
 from orchestrator.data.sources import load_source
 
 SPLITS = ("train", "val", "test")
-SCHEMA = pa.schema(
-    [("id", pa.int64()), ("prompt", pa.string()), ("target", pa.float64()), ("bin", pa.int64()), ("region", pa.string())]
-)
+SCHEMA = pa.schema([
+    ("id", pa.int64()), ("prompt", pa.string()), ("target", pa.float64()), ("bin", pa.int64()), ("region", pa.string())
+])
 IMAGE_SCHEMA = SCHEMA.append(pa.field("image", pa.binary()))
 IMAGE_ROW_GROUP = 256  # rows per Parquet row group with images: readers can stream them in small pieces
+REGION_LETTERS = {"many": "M", "medium": "m", "few": "f"}  # describe()'s histogram
 
 
 def dir_split(targets: np.ndarray, label_step: float, max_per_label: int, seed: int) -> dict[str, np.ndarray]:
@@ -117,71 +118,101 @@ def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
     _check_writable(target_dir, cfg.root)  # before reading the source: a bad root must not cost a full load
     spec, frame = load_source(cfg)
     step = cfg.label_step or spec.label_step
-    targets = frame["target"].to_numpy()
-    has_images = "image" in frame.columns
     given = "split" in frame.columns  # a published split is kept; only the training subset is drawn
-    rows = given_split(frame["split"]) if given else dir_split(targets, step, cfg.max_per_label, cfg.seed)
-    rows["train"] = subsample(rows["train"], cfg.train_size, cfg.seed)
-    counts = bin_counts(targets[rows["train"]], step)
-
-    tables, region_sizes = {}, {}
+    rows = _split_rows(frame, cfg, step)
+    counts = bin_counts(frame["target"].to_numpy()[rows["train"]], step)
+    tables = {}
     for split in SPLITS:
         part = frame.iloc[rows[split]]
         if len(part) == 0:
-            hint = (
-                "the dataset's split column gives it no rows"
-                if given
-                else f"lower data.max_per_label (now {cfg.max_per_label}) "
-                f"or raise data.train_size (now {cfg.train_size})"
-            )
-            raise DataError(f"dataset {cfg.name!r}: the {split} split is empty; {hint}")
-        regions = shot_regions(part["target"], counts, step, cfg.many_threshold, cfg.few_threshold)
-        region_sizes[split] = {r: int((regions == r).sum()) for r in REGIONS}
-        columns = {
-            "id": part["id"].astype(np.int64).to_numpy(),
-            "prompt": part["prompt"].astype(str).to_numpy(),
-            "target": part["target"].to_numpy(),
-            "bin": label_bins(part["target"], step),
-            "region": regions.astype(str),
-        }
-        if has_images:
-            columns["image"] = part["image"].to_numpy()  # bytes objects -> Arrow binary, never pickled
-        tables[split] = pa.Table.from_pandas(
-            pd.DataFrame(columns), schema=IMAGE_SCHEMA if has_images else SCHEMA, preserve_index=False
-        )
-    train_t = targets[rows["train"]]
-    meta = {
+            raise _empty_split_error(cfg, split, given)
+        tables[split] = _split_table(part, counts, step, cfg)
+    meta = _build_meta(cfg, spec, step, given, counts, tables)
+    if meta["has_images"]:
+        meta["images"] = summarize_images(frame["image"].iloc[np.concatenate([rows[s] for s in SPLITS])])
+    _write_atomically(target_dir, tables, meta)
+    return load_built(target_dir)
+
+
+def _split_rows(frame: pd.DataFrame, cfg: DataConfig, step: float) -> dict[str, np.ndarray]:
+    """Row indices of each split: as the frame's `split` column gives them, else cut by the DIR protocol;
+    then the training subset of cfg.train_size rows."""
+    if "split" in frame.columns:
+        rows = given_split(frame["split"])
+    else:
+        rows = dir_split(frame["target"].to_numpy(), step, cfg.max_per_label, cfg.seed)
+    rows["train"] = subsample(rows["train"], cfg.train_size, cfg.seed)
+    return rows
+
+
+def _empty_split_error(cfg: DataConfig, split: str, given: bool) -> DataError:
+    if given:
+        hint = "the dataset's split column gives it no rows"
+    else:
+        hint = f"lower data.max_per_label (now {cfg.max_per_label}) or raise data.train_size (now {cfg.train_size})"
+    return DataError(f"dataset {cfg.name!r}: the {split} split is empty; {hint}")
+
+
+def _split_table(part: pd.DataFrame, counts: dict[int, int], step: float, cfg: DataConfig) -> pa.Table:
+    """One split's rows in the split schema, each with its bin and its shot region (from the training counts)."""
+    regions = shot_regions(part["target"], counts, step, cfg.many_threshold, cfg.few_threshold)
+    columns = {
+        "id": part["id"].astype(np.int64).to_numpy(),
+        "prompt": part["prompt"].astype(str).to_numpy(),
+        "target": part["target"].to_numpy(),
+        "bin": label_bins(part["target"], step),
+        "region": regions.astype(str),
+    }
+    has_images = "image" in part.columns
+    if has_images:
+        columns["image"] = part["image"].to_numpy()  # bytes objects -> Arrow binary, never pickled
+    schema = IMAGE_SCHEMA if has_images else SCHEMA
+    return pa.Table.from_pandas(pd.DataFrame(columns), schema=schema, preserve_index=False)
+
+
+def _region_sizes(table: pa.Table) -> dict[str, int]:
+    regions = table.column("region").to_numpy(zero_copy_only=False)
+    return {r: int((regions == r).sum()) for r in REGIONS}
+
+
+def _build_meta(cfg: DataConfig, spec, step: float, given: bool, counts: dict[int, int], tables: dict) -> dict:
+    """meta.json: what the dataset is, its label range and shot thresholds, split and region sizes, and
+    the config it was built from."""
+    train_targets = tables["train"].column("target").to_numpy()
+    return {
         "name": cfg.name,
         "description": spec.description,
         "target": spec.target_description,
         "label_step": step,
-        "label_min": float(train_t.min()),
-        "label_max": float(train_t.max()),
+        "label_min": float(train_targets.min()),
+        "label_max": float(train_targets.max()),
         "many_threshold": cfg.many_threshold,
         "few_threshold": cfg.few_threshold,
         "seed": cfg.seed,
         "split_source": "given" if given else "dir",
-        "has_images": has_images,
+        "has_images": "image" in tables["train"].column_names,
         "sizes": {s: int(t.num_rows) for s, t in tables.items()},
-        "regions": region_sizes,
+        "regions": {s: _region_sizes(t) for s, t in tables.items()},
         "train_bin_counts": {str(b): c for b, c in sorted(counts.items())},
         "config": cfg.model_dump(mode="json"),
     }
-    if has_images:
-        meta["images"] = summarize_images(frame["image"].iloc[np.concatenate([rows[s] for s in SPLITS])])
-    # Write beside the destination, then rename: an interrupted build never leaves half a dataset.
+
+
+def _write_atomically(target_dir: Path, tables: dict[str, pa.Table], meta: dict) -> None:
+    """Write beside the destination, then rename: an interrupted or failed build never leaves half a
+    dataset, and an earlier build at `target_dir` stays whole until the new one replaces it."""
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target_dir.parent))
+    row_group_size = IMAGE_ROW_GROUP if meta["has_images"] else None
     try:
         for split, table in tables.items():
-            pq.write_table(table, tmp / f"{split}.parquet", row_group_size=IMAGE_ROW_GROUP if has_images else None)
+            pq.write_table(table, tmp / f"{split}.parquet", row_group_size=row_group_size)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if target_dir.exists():
             shutil.rmtree(target_dir)
         os.replace(tmp, target_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_built(target_dir)
 
 
 def describe(built: BuiltDataset, width: int = 50, max_lines: int = 50) -> str:
@@ -213,7 +244,8 @@ def describe(built: BuiltDataset, width: int = 50, max_lines: int = 50) -> str:
     step = m["label_step"]
     for lo, hi, total, parts in rows:
         label = f"{lo * step:g}" if lo == hi else f"{lo * step:g}-{hi * step:g}"
-        region = "/".join(sorted({("M" if c > m["many_threshold"] else "f" if c < m["few_threshold"] else "m") for c in parts}))
+        letters = {REGION_LETTERS[region_of_count(c, m["many_threshold"], m["few_threshold"])] for c in parts}
+        region = "/".join(sorted(letters))
         lines.append(f"{label:>12} | {'#' * max(1, round(width * total / top)):<{width}} {total:>6} {region}")
     lines.append("(regions: M many, m medium, f few)")
     return "\n".join(lines)

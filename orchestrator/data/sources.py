@@ -21,6 +21,8 @@ import pandas as pd
 
 from orchestrator.config import DataConfig
 from orchestrator.data.conventions import ANSWER_INSTRUCTION, SPLIT_NAMES, DataError
+from orchestrator.data.digit_count import digit_count_frame
+from orchestrator.data.manifest import manifest_frame
 
 
 @dataclass(frozen=True)
@@ -141,15 +143,10 @@ def doctor_visits_frame(cfg: DataConfig) -> pd.DataFrame:
 
 
 def digit_count_source(cfg: DataConfig) -> pd.DataFrame:
-    # Imported on use: scikit-learn and PIL stay off the import path of text-only runs.
-    from orchestrator.data.digit_count import digit_count_frame
-
     return digit_count_frame(cfg.digit_count)
 
 
 def manifest_source(cfg: DataConfig) -> pd.DataFrame:
-    from orchestrator.data.manifest import manifest_frame  # imports this module: a top-level import would cycle
-
     return manifest_frame(cfg.manifest)
 
 
