@@ -71,7 +71,8 @@ def test_builds_are_deterministic_cached_and_forced(tmp_path, movies):
 
 
 def test_diamonds_and_doctor_visits(tmp_path):
-    d = build_dataset(DataConfig(name="diamonds", root=str(tmp_path), label_step=1000, train_size=1000, max_per_label=5))
+    cfg = DataConfig(name="diamonds", root=str(tmp_path), label_step=1000, train_size=1000, max_per_label=5)
+    d = build_dataset(cfg)
     assert d.label_step == 1000
     assert (d.load("val").to_pandas().bin == d.load("val").to_pandas().target // 1000).all()
     v = build_dataset(DataConfig(name="doctor-visits", root=str(tmp_path), max_per_label=10))
@@ -87,7 +88,8 @@ def test_describe_prints_histogram_and_regions(movies):
 
 
 def test_bad_input_gets_specific_errors(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="unknown dataset 'nope'; registered: diamonds, digit-count, doctor-visits, manifest, movies"):
+    registered = "diamonds, digit-count, doctor-visits, manifest, movies"
+    with pytest.raises(DataError, match=f"unknown dataset 'nope'; registered: {registered}"):
         build_dataset(DataConfig(name="nope", root=str(tmp_path)))
     with pytest.raises(DataError, match="no built dataset"):
         load_built(tmp_path / "missing")
@@ -97,7 +99,8 @@ def test_bad_input_gets_specific_errors(tmp_path, monkeypatch):
     "frame, message",
     [
         (pd.DataFrame({"id": [0], "prompt": ["p"]}), "missing column 'target'"),
-        (pd.DataFrame({"id": [0, 1], "prompt": ["p", "q"], "target": [1.0, "many"]}), "non-numeric target 'many' in row 1"),
+        (pd.DataFrame({"id": [0, 1], "prompt": ["p", "q"], "target": [1.0, "many"]}),
+         "non-numeric target 'many' in row 1"),
         (pd.DataFrame({"id": [0], "prompt": ["p"], "target": [None]}), "missing target in row 0"),
     ],
 )
@@ -123,15 +126,15 @@ def test_a_split_column_from_a_source_is_kept_as_given(tmp_path, monkeypatch):
         assert built.load(split).column("id").to_pylist() == [i for i, s in enumerate(splits) if s == split]
     assert built.meta["split_source"] == "given" and not built.has_images
     # regions still come from the training counts: label 1 has 3 training rows (> 2: many), label 3 one
-    assert dict(zip(built.load("test").column("target").to_pylist(), built.load("test").column("region").to_pylist())) == {
-        2.0: "few",
-        3.0: "few",
-    }
+    test = built.load("test")
+    assert dict(zip(test.column("target").to_pylist(), test.column("region").to_pylist())) == {2.0: "few", 3.0: "few"}
     assert built.load("train").column("region").to_pylist() == ["many", "many", "few", "many"]
 
 
 def test_a_bad_split_value_from_a_source_is_refused(tmp_path, monkeypatch):
-    frame = pd.DataFrame({"id": range(3), "prompt": ["p"] * 3, "target": [1.0, 2.0, 3.0], "split": ["train", "val", "dev"]})
+    frame = pd.DataFrame(
+        {"id": range(3), "prompt": ["p"] * 3, "target": [1.0, 2.0, 3.0], "split": ["train", "val", "dev"]}
+    )
     monkeypatch.setitem(DATASETS, "devsplit", DatasetSpec("devsplit", lambda cfg: frame, 1.0, "d", "t"))
     with pytest.raises(DataError, match="bad split 'dev' in row 2; allowed: train, val, test"):
         build_dataset(DataConfig(name="devsplit", root=str(tmp_path)))
@@ -151,4 +154,6 @@ def test_compact_prompts_keep_the_features_and_drop_the_words():
     assert (full.target == compact.target).all() and compact.prompt.str.len().mean() < full.prompt.str.len().mean() / 4
     assert DataConfig(name="movies").fingerprint() != DataConfig(name="movies", prompt_style="compact").fingerprint()
     with pytest.raises(ConfigError, match="prompt_style=compact applies to the text datasets"):
-        load_run_config(overrides=["data.name=digit-count", "data.prompt_style=compact", "model.tiny.architecture=smolvlm"])
+        load_run_config(
+            overrides=["data.name=digit-count", "data.prompt_style=compact", "model.tiny.architecture=smolvlm"]
+        )

@@ -155,7 +155,8 @@ def test_built_canvases_decode_to_the_configured_size_and_show_the_label(small):
     assert built.has_images and built.meta["images"]["formats"] == {"PNG": cfg.digit_count.num_images}
     for split in ("train", "val", "test"):
         table = built.load(split)
-        assert table.schema.names == IMAGE_SCHEMA.names and table.schema.field("image").type == IMAGE_SCHEMA.field("image").type
+        assert table.schema.names == IMAGE_SCHEMA.names
+        assert table.schema.field("image").type == IMAGE_SCHEMA.field("image").type
         for cell, target in zip(table.column("image").to_pylist(), table.column("target").to_pylist()):
             img = load_image(cell)
             assert img.size == (64, 64) and img.mode == "RGB"
@@ -177,7 +178,8 @@ def test_labels_are_long_tailed(small):
 
 def test_splits_follow_the_dir_protocol(small):
     cfg, built = small
-    train, val, test = (built.load(s, columns=["id", "target", "bin", "region"]).to_pandas() for s in ("train", "val", "test"))
+    columns = ["id", "target", "bin", "region"]
+    train, val, test = (built.load(s, columns=columns).to_pandas() for s in ("train", "val", "test"))
     total = np.bincount(np.concatenate([f.bin for f in (train, val, test)]))
     for frame in (val, test):
         per_bin = frame.groupby("bin").size()

@@ -18,6 +18,7 @@ from orchestrator.data import DataError, build_dataset, load_image
 from orchestrator.data.builder import SCHEMA
 from orchestrator.data.manifest import manifest_frame, parse_split, parse_target, template_prompt
 
+ANSWER = "Answer with <answer>NUMBER</answer>."  # the instruction a prompt without one gets
 # 30 samples over 4 label bins with 12/9/6/3 rows: enough for the DIR protocol to cut val/test itself
 TARGETS = [20.0] * 12 + [30.0] * 9 + [40.0] * 6 + [50.0] * 3
 GIVEN_SPLITS = (["train"] * 8 + ["val"] * 2 + ["test"] * 2) + (["train"] * 5 + ["val", "val", "test", "test"]) + (
@@ -78,7 +79,7 @@ def test_row_parsers_by_hand():
         parse_split("training")
     with pytest.raises(ValueError, match="empty split"):
         parse_split(None)
-    assert template_prompt("How old is {name}?", {"name": "Ada"}) == "How old is Ada?\nAnswer with <answer>NUMBER</answer>."
+    assert template_prompt("How old is {name}?", {"name": "Ada"}) == f"How old is Ada?\n{ANSWER}"
     assert template_prompt("Say <answer>N</answer>", {}) == "Say <answer>N</answer>"
     with pytest.raises(ValueError, match="names 'age', which is not a column"):
         template_prompt("{age}", {"name": "Ada"})
@@ -161,10 +162,11 @@ def test_a_changed_manifest_is_never_served_from_a_stale_cache(tmp_path):
 
 def test_relative_manifest_paths_follow_orchestrator_home(fixture_dir, monkeypatch):
     root, paths, _ = fixture_dir
-    write_jsonl(root / "rel.jsonl", [{"image_path": p, "target": t, "split": s} for p, t, s in zip(paths, TARGETS, GIVEN_SPLITS)])
+    rows = [{"image_path": p, "target": t, "split": s} for p, t, s in zip(paths, TARGETS, GIVEN_SPLITS)]
+    write_jsonl(root / "rel.jsonl", rows)
     monkeypatch.setenv("ORCHESTRATOR_HOME", str(root))
     frame = manifest_frame(ManifestConfig(path="rel.jsonl"))
-    assert len(frame) == 30 and frame.prompt[0] == "What is the numeric value for this image?\nAnswer with <answer>NUMBER</answer>."
+    assert len(frame) == 30 and frame.prompt[0] == f"What is the numeric value for this image?\n{ANSWER}"
 
 
 def test_cli_builds_a_manifest_from_dotted_options(fixture_dir, capsys):
@@ -198,18 +200,23 @@ def _set(column, row, value):
 @pytest.mark.parametrize(
     "change, options, message",
     [
-        (_set("image_path", 3, "images/nope.png"), {}, r"broken\.parquet, row 3: image file not found: .*images/nope\.png"),
+        (_set("image_path", 3, "images/nope.png"), {},
+         r"broken\.parquet, row 3: image file not found: .*images/nope\.png"),
         (_set("image_path", 4, "images/corrupt.png"), {}, r"broken\.parquet, row 4: unreadable image"),
         (_set("image_path", 2, "images/truncated.jpg"), {}, r"broken\.parquet, row 2: unreadable image \(OSError"),
         (_set("image_path", 6, ""), {}, r"broken\.parquet, row 6: no image \('image_path' empty\)"),
         (_set("target", 7, "forty"), {}, r"broken\.parquet, row 7: target 'forty' is not a number"),
         (_set("target", 8, "inf"), {}, r"broken\.parquet, row 8: target 'inf' is not finite"),
         (_set("target", 9, None), {}, r"broken\.parquet, row 9: missing target"),
-        (_set("split", 10, "training"), {}, r"broken\.parquet, row 10: bad split 'training'; allowed: train, val, test"),
+        (_set("split", 10, "training"), {},
+         r"broken\.parquet, row 10: bad split 'training'; allowed: train, val, test"),
         (_set("split", 11, None), {}, r"broken\.parquet, row 11: empty split"),
-        (lambda c: c.pop("target"), {}, r"broken\.parquet: missing column 'target' \(data\.manifest\.target_column\); has: image_path, split"),
-        (lambda c: None, {"image_path_column": "img"}, r"broken\.parquet: missing column 'img' \(data\.manifest\.image_path_column\)"),
-        (lambda c: None, {"prompt_template": "Age of {name}?"}, r"broken\.parquet, row 0: prompt_template names 'name'"),
+        (lambda c: c.pop("target"), {},
+         r"broken\.parquet: missing column 'target' \(data\.manifest\.target_column\); has: image_path, split"),
+        (lambda c: None, {"image_path_column": "img"},
+         r"broken\.parquet: missing column 'img' \(data\.manifest\.image_path_column\)"),
+        (lambda c: None, {"prompt_template": "Age of {name}?"},
+         r"broken\.parquet, row 0: prompt_template names 'name'"),
         (lambda c: c.update(split=["train" if s == "test" else s for s in c["split"]]), {},
          r"broken\.parquet: the test split is empty \(no row has 'split' = 'test'\)"),
     ],
@@ -227,7 +234,8 @@ def test_broken_parquet_rows_are_named(fixture_dir, change, options, message):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ([{"image_bytes": "@@not base64@@", "target": 1}], r"bad\.jsonl, row 0 \(line 1\): image bytes are not valid base64"),
+        ([{"image_bytes": "@@not base64@@", "target": 1}],
+         r"bad\.jsonl, row 0 \(line 1\): image bytes are not valid base64"),
         ([{"image_bytes": "GOOD", "target": 1}, {"image_bytes": base64.b64encode(b"garbage").decode(), "target": 2}],
          r"bad\.jsonl, row 1 \(line 2\): unreadable image"),
         ([{"image_bytes": "GOOD", "target": 1}, "BLANK", {"image_bytes": "GOOD", "target": "n/a"}],
@@ -235,7 +243,8 @@ def test_broken_parquet_rows_are_named(fixture_dir, change, options, message):
         ([{"image_bytes": "GOOD", "target": 1}, "{not json"], r"bad\.jsonl, line 2: not valid JSON"),
         ([[1, 2]], r"bad\.jsonl, line 1: expected a JSON object, got list"),
         ([{"image_bytes": "GOOD", "value": 1}], r"bad\.jsonl: missing column 'target'"),
-        ([{"target": 1}], r"bad\.jsonl: a manifest without images needs a 'prompt' column or data\.manifest\.prompt_template"),
+        ([{"target": 1}],
+         r"bad\.jsonl: a manifest without images needs a 'prompt' column or data\.manifest\.prompt_template"),
     ],
 )
 def test_broken_jsonl_rows_are_named_with_their_line(tmp_path, lines, message):
@@ -265,7 +274,9 @@ def test_unknown_format_missing_file_and_missing_path(tmp_path):
     with pytest.raises(DataError, match=r"unknown format '\.txt'"):
         manifest_frame(ManifestConfig(path=str(tmp_path / "m.txt")))
     with pytest.raises(DataError, match=r"manifest not found: .*nothere\.parquet"):
-        build_dataset(DataConfig(name="manifest", root=str(tmp_path), manifest={"path": str(tmp_path / "nothere.parquet")}))
+        build_dataset(
+            DataConfig(name="manifest", root=str(tmp_path), manifest={"path": str(tmp_path / "nothere.parquet")})
+        )
     with pytest.raises(ValueError, match="data.name=manifest needs data.manifest.path"):
         DataConfig(name="manifest")
 
