@@ -1,5 +1,5 @@
-"""`orchestrator train | sweep | tables | data | ui` — the user's entry points (also wrapped by jobs/
-for `ray job submit`).
+"""The `orchestrator` command (also `python -m orchestrator`, and wrapped by jobs/ for `ray job submit`):
+train, sweep, tables, data, config, resend, ui and bench; `orchestrator COMMAND --help` shows examples.
 
 User errors (bad config, ablation, data or model path) print one clear message and exit with status 2,
 before any compute starts. A sweep in which some cells failed exits with status 1 after the others
@@ -9,9 +9,11 @@ finish and the tables are written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -99,12 +101,39 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from orchestrator.config import documented_yaml, run_config_schema
+
+    if args.schema:
+        if args.config or args.overrides:
+            raise ConfigError("config --schema takes no config file or overrides")
+        print(json.dumps(run_config_schema(), indent=2, ensure_ascii=False))
+        return 0
+    if args.defaults and args.config:
+        raise ConfigError(f"config: give either --defaults or a config file ({args.config}), not both")
+    if not args.defaults and args.config is None:
+        raise ConfigError("config needs a run config file, --defaults or --schema")
+    cfg = load_run_config(args.config, args.overrides)
+    print(documented_yaml(cfg, header=config_header(args.config, args.overrides)), end="")
+    return 0
+
+
+def config_header(path: str | None, overrides: list[str]) -> str:
+    """The comment atop a printed config: which command uses it, and how to use it."""
+    command = " ".join(["orchestrator train", *([path] if path else []), *map(shlex.quote, overrides)])
+    return (
+        f"The run config `{command}` uses, every field under its description. A config file needs only the "
+        "fields it changes (the others keep these defaults); run one with `orchestrator train FILE`."
+    )
+
+
 def cmd_ui(args) -> int:
     from orchestrator.tracking.conventions import default_tracking_uri, ensure_store
 
     uri = default_tracking_uri()
     ensure_store(uri)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    cmd += ["--host", args.host, "--port", str(args.port)]
     print(f"serving {uri} on http://{args.host}:{args.port}")
     os.execv(sys.executable, cmd)
     return 0
@@ -217,50 +246,142 @@ def cmd_bench(args) -> int:
         return EXIT_USER_ERROR
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = "Post-train language models for numeric regression (SFT / GRPO) on Ray, and tabulate ablations."
+EXAMPLES = """examples:
+  orchestrator config --defaults > my_run.yaml     # every run-config field, documented
+  orchestrator train my_run.yaml                    # one run
+  orchestrator sweep ablations/quick.yaml --dry-run # the cells of an ablation grid
 
-    p = sub.add_parser("train", help="run one pipeline (SFT / GRPO stages) on Ray Train and evaluate it")
+exit status: 0 done, 1 a run (or a sweep cell) failed, 2 a user error (bad config, data, model or flag)."""
+
+
+def subcommand(sub, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand: `summary` in the command list; its own --help adds `description` and `examples`."""
+    return sub.add_parser(
+        name, help=summary, description=description, epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_train_parser(sub) -> None:
+    p = subcommand(
+        sub, "train", "run one pipeline (SFT / GRPO stages) on Ray Train and evaluate it",
+        "Run one pipeline of SFT / GRPO stages on Ray Train workers (DeepSpeed), evaluate it on the DIR\n"
+        "val/test splits and log it to MLflow. The config is the defaults, then CONFIG, then the overrides;\n"
+        "`orchestrator config --defaults` lists every field.",
+        ["orchestrator train ablations/runs/demo.yaml",
+         'orchestrator train ablations/runs/demo.yaml pipeline="sft:ce -> grpo:ccc" stages.grpo.ccc_scope=global'],
+    )
     p.add_argument("config", nargs="?", help="run config YAML (default: the embedded defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pipeline.0.lr=1e-5 data.train_size=2000")
-    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed (from the latest checkpoint)")
+    p.add_argument(
+        "--max-failures", type=int, default=0, help="worker-group restarts allowed (from the latest checkpoint)"
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="run an ablation grid on Ray Tune, then build its paper tables")
+
+def add_sweep_parser(sub) -> None:
+    p = subcommand(
+        sub, "sweep", "run an ablation grid on Ray Tune, then build its paper tables",
+        "Run every cell of an ablation file (a base run config crossed with its axes) as a Ray Tune trial,\n"
+        "then write the paper and per-axis tables. Exits 1 when a cell failed, after the others finish.",
+        ["orchestrator sweep ablations/quick.yaml --dry-run",
+         "orchestrator sweep ablations/axis-beta.yaml data.train_size=2000 --resume"],
+    )
     p.add_argument("ablation", help="ablation YAML, e.g. ablations/quick.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the base run config, e.g. data.train_size=1000")
     p.add_argument("--dry-run", action="store_true", help="validate every cell and print them; train nothing")
     p.add_argument("--resume", action="store_true", help="continue this sweep: finished cells are not rerun")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("data", help="build a DIR dataset to Parquet and print its histogram and regions")
-    p.add_argument("action", choices=["build"])
+
+def add_data_parser(sub) -> None:
+    p = subcommand(
+        sub, "data", "build a DIR dataset to Parquet and print its histogram and regions",
+        "Build a dataset's DIR splits (a long-tailed train split, balanced val/test) to Parquet under\n"
+        "data.root and print its label histogram and many/medium/few regions. `train` builds them too.",
+        ["orchestrator data build movies", "orchestrator data build movies train_size=2000 max_per_label=5"],
+    )
+    p.add_argument("action", choices=["build"], help="build: write the splits (cached by their settings)")
     p.add_argument("name", help="dataset name, e.g. movies, diamonds, doctor-visits")
     p.add_argument("overrides", nargs="*", help="data fields, e.g. train_size=2000 max_per_label=5")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("resend", help="deliver metrics a run saved locally while its tracking store was unreachable")
+
+def add_config_parser(sub) -> None:
+    p = subcommand(
+        sub, "config", "print a run config with every field documented, or its JSON schema",
+        "Print a run config as YAML, each field under its description: the defaults (a template to copy),\n"
+        "or CONFIG with its overrides as `orchestrator train` resolves it. --schema prints the JSON schema.",
+        ["orchestrator config --defaults > my_run.yaml",
+         'orchestrator config --defaults pipeline="sft:ce -> grpo:ccc"   # a GRPO stage\'s fields too'],
+    )
+    p.add_argument("config", nargs="?", help="run config YAML to resolve and print")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pipeline.0.lr=1e-5")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--defaults", action="store_true", help="the default run config (with any overrides)")
+    which.add_argument("--schema", action="store_true", help="the JSON schema of a run config")
+    p.set_defaults(func=cmd_config)
+
+
+def add_resend_parser(sub) -> None:
+    p = subcommand(
+        sub, "resend", "deliver metrics a run saved locally while its tracking store was unreachable",
+        "A run that cannot reach its tracking store at the end fails, saving what it could not send to a\n"
+        "local file; this sends that file's metrics, tags and artifacts to the store it names.",
+        ["orchestrator resend results/run/unsent_mlflow.jsonl",
+         "orchestrator resend results/run/unsent_mlflow.jsonl --tracking-uri http://127.0.0.1:5000"],
+    )
     p.add_argument("spool", help="the unsent_mlflow.jsonl file named in the run's error")
     p.add_argument("--tracking-uri", help="send to this store instead of the one recorded in the file")
     p.set_defaults(func=cmd_resend)
 
-    p = sub.add_parser("ui", help="serve the MLflow UI for the local store (127.0.0.1 unless --host)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+
+def add_ui_parser(sub) -> None:
+    p = subcommand(
+        sub, "ui", "serve the MLflow UI for the local store (127.0.0.1 unless --host)",
+        "Serve the MLflow UI over the tracking store: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db.",
+        ["orchestrator ui", "orchestrator ui --port 5001"],
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    p.add_argument("--port", type=int, default=5000, help="default: 5000")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("tables", help="build the paper and per-axis tables (Markdown, LaTeX, CSV) from MLflow")
+
+def add_tables_parser(sub) -> None:
+    p = subcommand(
+        sub, "tables", "build the paper and per-axis tables (Markdown, LaTeX, CSV) from MLflow",
+        "Build the paper table (pipelines x regions, mean ± std over seeds, Δ against a baseline with\n"
+        "bootstrap intervals) and one table per ablation axis, from the runs in the MLflow store alone.",
+        ["orchestrator tables quick", "orchestrator tables quick --split val --baseline sft:ce"],
+    )
     p.add_argument("experiment", help="MLflow experiment (one per ablation)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--parent", metavar="RUN_ID", help="the sweep's parent run (default: the latest sweep, else all finished runs)")
+    which.add_argument(
+        "--parent", metavar="RUN_ID", help="the sweep's parent run (default: the latest sweep, else all finished runs)"
+    )
     which.add_argument("--sweep", metavar="NAME", help="the latest sweep with this name")
     p.add_argument("--out", metavar="DIR", help="output folder (default results/tables/EXPERIMENT)")
     p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--baseline", metavar="LABEL", help="pipeline of the Δ rows, e.g. 'sft:ce' (default: the sweep's, else sft:ce)")
+    p.add_argument(
+        "--baseline", metavar="LABEL", help="pipeline of the Δ rows, e.g. 'sft:ce' (default: the sweep's, else sft:ce)"
+    )
     p.add_argument("--tracking-uri", metavar="URI", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
     p.set_defaults(func=cmd_tables)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator", description=DESCRIPTION, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        add_train_parser, add_sweep_parser, add_data_parser, add_config_parser, add_resend_parser, add_ui_parser,
+        add_tables_parser,
+    ):
+        add(sub)
 
     p = sub.add_parser("bench", help="the same SFT and GRPO work with this project and with TRL; prints the ratios")
     mode = p.add_mutually_exclusive_group()

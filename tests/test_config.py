@@ -85,3 +85,56 @@ def test_stage_defaults_fill_every_stage_of_their_kind_and_lose_to_the_stage(tmp
     assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
     with pytest.raises(ConfigError, match=r"stages.grpo: unknown field\(s\) groupsize"):
         load_run_config(overrides=["stages.grpo.groupsize=3"])
+
+
+def fields_without_description(schema: dict) -> list[str]:
+    """Every field reachable from `schema` (nested sections, list items, union members, followed through
+    $ref) that has no description, as `Section.field`."""
+    defs = schema.get("$defs", {})
+    missing: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node, owner: str) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item, owner)
+            return
+        if not isinstance(node, dict):
+            return
+        ref = node.get("$ref")
+        if ref is not None:
+            name = ref.rsplit("/", 1)[-1]
+            if name not in seen:
+                seen.add(name)
+                visit(defs[name], name)
+        for field, spec in node.get("properties", {}).items():
+            if not spec.get("description"):
+                missing.append(f"{node.get('title', owner)}.{field}")
+            visit(spec, node.get("title", owner))
+        for key in ("items", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            visit(node.get(key), owner)
+
+    visit(schema, schema.get("title", "<root>"))
+    return missing
+
+
+def test_every_run_config_field_has_a_description():
+    schema = RunConfig.model_json_schema()
+    missing = fields_without_description(schema)
+    assert not missing, "fields without a description: " + ", ".join(missing)
+    # the walk reaches every section and both stage kinds
+    reached = {"DataConfig", "ManifestConfig", "TinyModelConfig", "LoraConfig", "SFTStage", "GRPOStage", "RewardTerm"}
+    assert reached <= set(schema["$defs"])
+
+
+def test_the_description_walk_finds_an_undocumented_field():
+    from pydantic import BaseModel, Field
+
+    class Inner(BaseModel):
+        documented: int = Field(1, description="yes")
+        bare: int = 2
+
+    class Outer(BaseModel):
+        items: list[Inner] = Field(default_factory=list, description="a list of sections")
+
+    assert fields_without_description(Outer.model_json_schema()) == ["Inner.bare"]

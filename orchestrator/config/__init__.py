@@ -1,7 +1,8 @@
 """Typed run configuration: YAML in, dotted overrides, validation before any compute.
 
 Modules: `base` (the strict section class, ConfigError, paths), `data`, `model`, `stages` and `run`
-(the sections of a RunConfig), and `loading` (YAML, overrides, validation errors). Import names from here.
+(the sections of a RunConfig), `loading` (YAML, overrides, validation errors) and `template` (the documented
+YAML and the JSON schema that `orchestrator config` prints). Import names from here.
 """
 
 from orchestrator.config.base import ConfigError, StrictSection, expand_dotted, resolve_path, resolve_storage
@@ -35,6 +36,7 @@ from orchestrator.config.stages import (
     StageDefaults,
     parse_pipeline,
 )
+from orchestrator.config.template import documented_yaml, run_config_schema
 
 __all__ = [
     "SFT_LOSSES",
@@ -61,6 +63,7 @@ __all__ = [
     "TrackingConfig",
     "VisionModelConfig",
     "apply_override",
+    "documented_yaml",
     "expand_dotted",
     "flatten",
     "format_validation_error",
@@ -70,6 +73,7 @@ __all__ = [
     "read_yaml_mapping",
     "resolve_path",
     "resolve_storage",
+    "run_config_schema",
     "set_field",
     "validate_run_tree",
 ]
