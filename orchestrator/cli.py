@@ -149,7 +149,7 @@ def cmd_tables(args) -> int:
         uri, args.experiment, parent_run_id=args.parent, sweep=args.sweep, out_dir=out, split=args.split, baseline=args.baseline
     )
     print(files.markdown)
-    print(f"{len(files)} files (Markdown, LaTeX, CSV) written to {out}")
+    print(f"{len(files.paths)} files (Markdown, LaTeX, CSV) written to {out}")
     return 0
 
 
@@ -158,9 +158,9 @@ def cmd_sweep(args) -> int:
     from orchestrator.sweep.tune import plan_sweep, run_sweep
 
     if args.dry_run:
-        ablation, _, cells, notes, experiment, uri = plan_sweep(args.ablation, args.overrides)
-        print(format_cells(ablation, cells, notes))
-        print(f"\nevery cell is valid; it would log to experiment {experiment!r} at {uri}")
+        plan = plan_sweep(args.ablation, args.overrides)
+        print(format_cells(plan.ablation, plan.cells, plan.notes))
+        print(f"\nevery cell is valid; it would log to experiment {plan.experiment!r} at {plan.tracking_uri}")
         return 0
     outcome = run_sweep(args.ablation, args.overrides, resume=args.resume)
     print()

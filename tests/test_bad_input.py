@@ -266,9 +266,10 @@ def earlier_sweep(w: World) -> None:
     from orchestrator.sweep.tune import plan_sweep
 
     path = w.write_yaml("abl.yaml", {"name": "abl", "base": ABLATION_BASE, "axes": {"seed": [1, 2]}})
-    abl, tree, cells, _, experiment, uri = plan_sweep(path)
-    parent = open_parent(abl, path.read_text(), cells, base_values(abl, tree), uri, experiment, False,
-                         base_fingerprint(path, abl, []))
+    plan = plan_sweep(path)
+    abl, uri = plan.ablation, plan.tracking_uri
+    parent = open_parent(abl, path.read_text(), plan.cells, base_values(abl, plan.base_tree), uri, plan.experiment,
+                         False, base_fingerprint(path, abl, []))
     MlflowClient(uri).set_terminated(parent, status="FAILED")
 
 

@@ -48,7 +48,8 @@ def test_stage_knobs_apply_to_their_kind_and_inapplicable_cells_merge(tmp_path):
     assert len(cells) == 3 and len(notes) == 1 and "does not apply" in notes[0]
     chains = [c for c in cells if len(c.cfg.pipeline) == 2]
     assert sorted(c.cfg.pipeline[1].group_size for c in chains) == [2, 4]
-    assert all(c.cfg.pipeline[0].steps == 5 and c.cfg.pipeline[1].steps == 2 for c in chains)  # base stage settings kept
+    # the base stage settings are kept
+    assert all(c.cfg.pipeline[0].steps == 5 and c.cfg.pipeline[1].steps == 2 for c in chains)
 
 
 def test_exclusions_match_normalised_pipelines(tmp_path):

@@ -111,7 +111,7 @@ def test_an_unreachable_store_is_refused_before_compute(tmp_path):
 
 
 def test_processes_opening_a_new_store_together_do_not_race(tmp_path):
-    """MLflow creates a SQLite store's schema on first use; two processes doing it at once used to
+    """MLflow creates a SQLite store's schema on first use; two processes doing it at once would
     collide on CREATE INDEX. ensure_store serialises the creation."""
     import subprocess
     import sys

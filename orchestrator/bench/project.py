@@ -34,6 +34,8 @@ def _train(settings: BenchSettings, kind: str, name: str, experiment: str):
 
 def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str, Any]:
     """Rates of the project's SFT stage over its timed log windows (train/samples_per_s, train/tokens_per_s)."""
+    from orchestrator.tracking.conventions import stage_tag
+
     cfg, outcome, client = _train(settings, "sft", name, experiment)
     sps = _metric_history(client, outcome.run_id, "train/samples_per_s")
     tps = _metric_history(client, outcome.run_id, "train/tokens_per_s")
@@ -46,7 +48,7 @@ def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str
     timings = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
     return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
             "best_window_samples_per_s": max(sps[1:]), "supervised_tokens": tokens, "run_id": outcome.run_id,
-            "run_timings": timings, "grad_average": run.data.tags.get("orchestrator.stage0.grad_average")}
+            "run_timings": timings, "grad_average": run.data.tags.get(stage_tag(0, "grad_average"))}
 
 
 def _timed_mean(client, run_id: str, key: str) -> float | None:

@@ -25,6 +25,7 @@ from orchestrator.config import (
     set_field,
     validate_run_tree,
 )
+from orchestrator.tracking.conventions import normalize_pipeline
 
 STAGE_KINDS = {"sft": SFTStage, "grpo": GRPOStage}
 
@@ -97,10 +98,6 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def normalize_pipeline(text: str) -> str:
-    return " -> ".join(part for part in re.split(r"\s*(?:->|→|>)\s*", text.strip()) if part)
-
-
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple[AblationConfig, dict[str, Any]]:
     """(the ablation, its base run-config tree with the ablation's and the command line's overrides)."""
     p = Path(path)
@@ -123,7 +120,9 @@ def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple
 
 
 @dataclass
-class Cell:
+class GridCell:
+    """One point of the ablation's grid: the swept values it applies and the run config they make."""
+
     index: int
     values: dict[str, Any]  # swept field -> value, as applied
     cfg: RunConfig
@@ -134,10 +133,11 @@ class Cell:
         return self.cfg.name
 
     def label(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in self.values.items()) or "(base)"
+        return ", ".join(f"{k}={show_value(v)}" for k, v in self.values.items()) or "(base)"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A swept value as the cell labels show it (pipelines in their stored spelling)."""
     return normalize_pipeline(value) if isinstance(value, str) and ":" in value else str(value)
 
 
@@ -178,53 +178,64 @@ def base_fingerprint(path: str | Path, ablation: AblationConfig, overrides: list
         base: Any = base_path.read_text()
     else:
         base = ablation.base
-    payload = json.dumps({"base": base, "overrides": [*ablation.overrides, *(overrides or [])]}, sort_keys=True, default=str)
+    every_override = [*ablation.overrides, *(overrides or [])]
+    payload = json.dumps({"base": base, "overrides": every_override}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def expand_cells(ablation: AblationConfig, base_tree: dict[str, Any]) -> tuple[list[Cell], list[str]]:
+def _apply(base_tree: dict[str, Any], combo: dict[str, Any], stage_fields: list[str],
+           where: str) -> tuple[RunConfig, dict[str, Any], list[str]]:
+    """(the cell's config, the values applied, the stage fields that do not apply). A `stages.<kind>.*`
+    field applies only when the cell's pipeline (which other fields may choose) has a stage of that kind."""
+    tree = base_tree
+    for name, value in combo.items():
+        if name not in stage_fields:
+            tree = set_field(tree, name, value)
+    kinds = {s.kind for s in validate_run_tree(tree, f"cell {where}").pipeline}
+    applied, inapplicable = {}, []
+    for name, value in combo.items():
+        if name in stage_fields and name.split(".")[1] not in kinds:
+            inapplicable.append(name)  # e.g. a GRPO knob on an SFT-only pipeline
+            continue
+        if name in stage_fields:
+            tree = set_field(tree, name, value)
+        applied[name] = value
+    return validate_run_tree(tree, f"cell {where}"), applied, inapplicable
+
+
+def _cell_name(ablation: AblationConfig, applied: dict[str, Any]) -> str:
+    """Named by what the ablation sets, not by the whole config: a new config field with a default
+    must not rename the cells of a sweep being resumed."""
+    return f"{ablation.name}-{_slug(applied)}-{_values_hash(applied)}"
+
+
+def expand_cells(ablation: AblationConfig, base_tree: dict[str, Any]) -> tuple[list[GridCell], list[str]]:
     """(the cells, notes). Each cell is validated; its name is stable across runs of the same file
     (ablation name, a readable slug, a hash of its config), which is what makes --resume find it."""
     stage_fields = [f for f in ablation.swept_fields() if f.split(".")[0] == "stages"]
     notes: list[str] = []
-    cells: list[Cell] = []
-    seen: dict[str, Cell] = {}
+    cells: list[GridCell] = []
+    seen: dict[str, GridCell] = {}
     for combo in _combinations(ablation):
         if _excluded(combo, ablation.exclude):
             continue
-        where = ", ".join(f"{k}={_show(v)}" for k, v in combo.items())
-        tree = base_tree
+        where = ", ".join(f"{k}={show_value(v)}" for k, v in combo.items())
         try:
-            for name, value in combo.items():
-                if name not in stage_fields:
-                    tree = set_field(tree, name, value)
-            kinds = {s.kind for s in validate_run_tree(tree, f"cell {where}").pipeline}
-            applied, inapplicable = {}, []
-            for name, value in combo.items():
-                if name in stage_fields and name.split(".")[1] not in kinds:
-                    inapplicable.append(name)  # e.g. a GRPO knob on an SFT-only pipeline
-                    continue
-                if name in stage_fields:
-                    tree = set_field(tree, name, value)
-                applied[name] = value
-            cfg = validate_run_tree(tree, f"cell {where}")
+            cfg, applied, inapplicable = _apply(base_tree, combo, stage_fields, where)
         except ConfigError as exc:
             raise ConfigError(f"ablation {ablation.name!r}, cell {where}:\n{exc}") from None
         key = _identity(cfg)
         if key in seen:
+            same = seen[key].label()
             if not inapplicable and not seen[key].inapplicable:
                 raise ConfigError(
-                    f"ablation {ablation.name!r}: cells {seen[key].label()} and {where} are the same run (duplicate cells)"
+                    f"ablation {ablation.name!r}: cells {same} and {where} are the same run (duplicate cells)"
                 )
-            notes.append(f"{where}: same run as {seen[key].label()} ({', '.join(inapplicable)} does not apply); run once")
+            notes.append(f"{where}: same run as {same} ({', '.join(inapplicable)} does not apply); run once")
             continue
-        # Named by what the ablation sets, not by the whole config: a new config field with a default
-        # (a newer version of this tool) must not rename the cells of a sweep being resumed.
-        name = f"{ablation.name}-{_slug(applied)}-{_values_hash(applied)}"
-        cfg = cfg.model_copy(update={"name": name})
-        cell = Cell(len(cells), applied, cfg, inapplicable)
-        seen[key] = cell
-        cells.append(cell)
+        cfg = cfg.model_copy(update={"name": _cell_name(ablation, applied)})
+        seen[key] = GridCell(len(cells), applied, cfg, inapplicable)
+        cells.append(seen[key])
     if not cells:
         raise ConfigError(f"ablation {ablation.name!r}: every cell is excluded; nothing to run")
     return cells, notes
@@ -262,7 +273,7 @@ def base_values(ablation: AblationConfig, base_tree: dict[str, Any]) -> dict[str
     return out
 
 
-def preflight(cells: list[Cell]) -> None:
+def preflight(cells: list[GridCell]) -> None:
     """Every cell through the same checks a single run makes (rewards, data build, model, generation
     budgets) before any compute: a grid never dies in its 7th cell on a typo."""
     from orchestrator.data import DataError
@@ -276,8 +287,9 @@ def preflight(cells: list[Cell]) -> None:
             raise type(exc)(f"cell {cell.name} ({cell.label()}): {exc}") from None
 
 
-def format_cells(ablation: AblationConfig, cells: list[Cell], notes: list[str]) -> str:
-    lines = [f"ablation {ablation.name!r}: {len(cells)} cell(s)" + (f" — {ablation.description}" if ablation.description else "")]
+def format_cells(ablation: AblationConfig, cells: list[GridCell], notes: list[str]) -> str:
+    about = f" — {ablation.description}" if ablation.description else ""
+    lines = [f"ablation {ablation.name!r}: {len(cells)} cell(s){about}"]
     width = len(str(len(cells)))
     for cell in cells:
         lines.append(f"  {cell.index:>{width}}  {cell.name}  {cell.label()}")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.tracking.conventions import CELL_TAG, tracking_client
+from orchestrator.tracking.conventions import CELL_TAG, ERROR_TAG, tag_equals, tracking_client
 
 
 def _last_error_line(path: str | None) -> str:
@@ -57,7 +57,7 @@ class SweepProgress:
     def error(self, trial) -> None:
         name = self._name(trial)
         self.state[name] = "failed"
-        self.failed[name] = _last_error_line(trial.error_file) or "see the cell's MLflow run (tag orchestrator.error)"
+        self.failed[name] = _last_error_line(trial.error_file) or f"see the cell's MLflow run (tag {ERROR_TAG})"
         self._print(f"FAILED   {name}: {self.failed[name]}")
         self.summary(force=True)
 
@@ -67,21 +67,23 @@ class SweepProgress:
         self.last = time.time()
         counts = {s: sum(v == s for v in self.state.values()) for s in ("done", "running", "failed", "pending")}
         done = counts["done"] + self.done_before
-        line = f"cells {done}/{self.total} done, {counts['running']} running, {counts['failed']} failed, {counts['pending']} pending"
+        line = (f"cells {done}/{self.total} done, {counts['running']} running, {counts['failed']} failed, "
+                f"{counts['pending']} pending")
         live = [self._latest(n) for n, s in self.state.items() if s == "running"]
         self._print(line + "".join(f" | {x}" for x in live if x))
 
     def _latest(self, name: str) -> str:
+        """`name: step N, loss x, reward/mean y` from the cell's MLflow run, or why it says nothing yet."""
         try:
-
             client = tracking_client(self.uri)
             exp = client.get_experiment_by_name(self.experiment)
-            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{CELL_TAG}` = '{name}'", max_results=1)
+            runs = client.search_runs([exp.experiment_id], filter_string=tag_equals(CELL_TAG, name), max_results=1)
             if not runs:
                 return f"{name}: starting"
             m = runs[0].data.metrics
             step = next((int(x.step) for x in client.get_metric_history(runs[0].info.run_id, "train/loss")[-1:]), None)
-            bits = [f"step {step}" if step is not None else "", *(f"{k.split('/', 1)[1]} {m[k]:.3g}" for k in ("train/loss", "train/reward/mean") if k in m)]
+            shown = [f"{k.split('/', 1)[1]} {m[k]:.3g}" for k in ("train/loss", "train/reward/mean") if k in m]
+            bits = [f"step {step}" if step is not None else "", *shown]
             return f"{name}: " + ", ".join(b for b in bits if b) if any(bits) else f"{name}: starting"
         except Exception as exc:  # the view must never break the sweep
             return f"{name}: ({type(exc).__name__}: {exc})"[:200]

@@ -18,20 +18,28 @@ from orchestrator.config import (
     resolve_storage,
 )
 from orchestrator.sweep.grid import (
-    Cell,
+    AblationConfig,
+    GridCell,
     anchor_paths,
     base_fingerprint,
     base_values,
     expand_cells,
     format_cells,
     load_ablation,
-    normalize_pipeline,
     preflight,
 )
 from orchestrator.sweep.progress import SweepProgress, _tune_callback
 from orchestrator.sweep.resume import finished_cells, open_parent
-from orchestrator.tracking.conventions import CELL_TAG, SWEEP_TAG, tracking_client
-from orchestrator.tracking.redaction import redact_secrets
+from orchestrator.tracking.conventions import (
+    CELL_TAG,
+    FAILED_CELLS_TAG,
+    SWEEP_TAG,
+    TAG_VALUE_LIMIT,
+    default_tracking_uri,
+    normalize_pipeline,
+    tracking_client,
+)
+from orchestrator.tracking.runs import mark_failed
 
 TRIAL_MEMORY = 64 * 1024**2  # what a Tune trial reserves (it only waits on its TorchTrainer)
 
@@ -52,7 +60,7 @@ def _cell_trial(config: dict[str, Any], cells: list[dict[str, Any]], parent_run_
     tune.report({"cell": cell["name"], **{k: v for k, v in outcome.metrics.items() if k.startswith("test/all/")}})
 
 
-def _cells_at_once(cells: list[Cell], requested: int | None) -> int:
+def _cells_at_once(cells: list[GridCell], requested: int | None) -> int:
     import ray
 
     if requested:
@@ -64,6 +72,18 @@ def _cells_at_once(cells: list[Cell], requested: int | None) -> int:
         need_gpu = max(c.cfg.scaling.num_workers for c in cells if c.cfg.scaling.use_gpu)
         fits = min(fits, math.floor(resources.get("GPU", 0) / need_gpu))
     return max(1, fits)
+
+
+@dataclass
+class SweepPlan:
+    """Everything a dry run shows, nothing trained: the ablation, its validated cells, where they log."""
+
+    ablation: AblationConfig
+    base_tree: dict[str, Any]  # the base run config with the ablation's and the command line's overrides
+    cells: list[GridCell]
+    notes: list[str]
+    experiment: str
+    tracking_uri: str
 
 
 @dataclass
@@ -80,93 +100,118 @@ class SweepOutcome:
     elapsed_s: float
 
 
-def plan_sweep(path: str | Path, overrides: list[str] | None = None):
+def _anchored(cells: list[GridCell], experiment: str, uri: str, storage_root: str) -> list[GridCell]:
+    """Each cell logging to the sweep's experiment and store, its paths absolute (trials run elsewhere)."""
+    out = []
+    for c in cells:
+        tracking = c.cfg.tracking.model_copy(update={"experiment": experiment})
+        cfg = anchor_paths(c.cfg.model_copy(update={"tracking": tracking}), uri, storage_root)
+        out.append(GridCell(c.index, c.values, cfg, c.inapplicable))
+    return out
+
+
+def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPlan:
     """Load, expand and preflight: everything a dry run shows, nothing trained."""
     ablation, tree = load_ablation(path, overrides)
     cells, notes = expand_cells(ablation, tree)
     experiment = ablation.experiment or ablation.name
-    from orchestrator.tracking.conventions import default_tracking_uri
-
     uri = cells[0].cfg.tracking.tracking_uri or default_tracking_uri()
     if len({c.cfg.tracking.tracking_uri for c in cells}) > 1:
-        raise ConfigError(f"ablation {ablation.name!r}: every cell must log to one tracking store (tracking.tracking_uri)")
+        raise ConfigError(
+            f"ablation {ablation.name!r}: every cell must log to one tracking store (tracking.tracking_uri)"
+        )
     storage_root = resolve_storage(str(Path(cells[0].cfg.storage_path) / ablation.name))
-    cells = [
-        Cell(c.index, c.values, anchor_paths(c.cfg.model_copy(update={"tracking": c.cfg.tracking.model_copy(update={"experiment": experiment})}),
-                                             uri, storage_root), c.inapplicable)
-        for c in cells
-    ]
+    cells = _anchored(cells, experiment, uri, storage_root)
     preflight(cells)
-    return ablation, tree, cells, notes, experiment, uri
+    return SweepPlan(ablation, tree, cells, notes, experiment, uri)
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: bool = False, out=None) -> SweepOutcome:
+def _tuner(plan: SweepPlan, todo: list[GridCell], parent: str, progress: SweepProgress):
+    """A Tune grid with one trial per cell still to run, as many at once as the cluster fits."""
     from ray import tune
 
-    from orchestrator.reporting.tables import TablesError, default_out_dir, write_tables
+    payload = [{"name": c.name, "sweep": plan.ablation.name, "config": c.cfg.model_dump(mode="json")} for c in todo]
+    trainable = tune.with_parameters(
+        _cell_trial, cells=payload, parent_run_id=parent, home=str(resolve_path(".")),
+        max_failures=plan.ablation.max_failures,
+    )
+    # The trial only drives its TorchTrainer, whose workers hold the CPUs/GPUs. Even 0.01 CPU per
+    # trial would make two 1-CPU cells need 2.02 CPUs of 2 and run one after the other; Tune refuses
+    # an empty request, so a trial asks for a little memory instead.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY})
+    return tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search(list(range(len(todo))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=_cells_at_once(todo, plan.ablation.max_concurrent)),
+        run_config=tune.RunConfig(
+            name=f"{plan.ablation.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=resolve_storage(str(Path(todo[0].cfg.storage_path) / "_tune")),
+            callbacks=[_tune_callback(progress)],
+            # A trial lost with its node is retried; it resumes its cell from the cell's checkpoint.
+            failure_config=tune.FailureConfig(max_failures=plan.ablation.max_failures),
+            verbose=0,
+        ),
+    )
+
+
+def _run_cells(plan: SweepPlan, todo: list[GridCell], parent: str, done_before: int, out) -> dict[str, str]:
+    """Train the cells in `todo` as Tune trials; returns {failed cell: its error line}."""
     from orchestrator.runtime.ray_setup import init_ray
 
-    out = out or sys.stdout
-    t0 = time.time()
-    ablation, tree, cells, notes, experiment, uri = plan_sweep(path, overrides)
-    print(format_cells(ablation, cells, notes), file=out, flush=True)
-    parent = open_parent(ablation, Path(path).read_text(), cells, base_values(ablation, tree), uri, experiment, resume,
-                         base_fingerprint(path, ablation, overrides))
-    done = finished_cells(cells, uri, experiment) if resume else set()
-    todo = [c for c in cells if c.name not in done]
-    if done:
-        print(f"resuming: {len(done)} cell(s) already finished, {len(todo)} to run", file=out, flush=True)
-
+    init_ray()
+    names = {i: c.name for i, c in enumerate(todo)}
+    progress = SweepProgress(names, plan.tracking_uri, plan.experiment, done_before, len(plan.cells), out=out)
     failed: dict[str, str] = {}
-    client = tracking_client(uri)
-    try:
-        if todo:
-            init_ray()
-            payload = [
-                {"name": c.name, "sweep": ablation.name, "config": c.cfg.model_dump(mode="json")} for c in todo
-            ]
-            trainable = tune.with_parameters(
-                _cell_trial, cells=payload, parent_run_id=parent, home=str(resolve_path(".")),
-                max_failures=ablation.max_failures,
-            )
-            # The trial only drives its TorchTrainer, whose workers hold the CPUs/GPUs. Even 0.01 CPU per
-            # trial would make two 1-CPU cells need 2.02 CPUs of 2 and run one after the other; Tune refuses
-            # an empty request, so a trial asks for a little memory instead.
-            trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY})
-            progress = SweepProgress({i: c.name for i, c in enumerate(todo)}, uri, experiment, len(done), len(cells), out=out)
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"cell": tune.grid_search(list(range(len(todo))))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=_cells_at_once(todo, ablation.max_concurrent)),
-                run_config=tune.RunConfig(
-                    name=f"{ablation.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                    storage_path=resolve_storage(str(Path(todo[0].cfg.storage_path) / "_tune")),
-                    callbacks=[_tune_callback(progress)],
-                    # A trial lost with its node is retried; it resumes its cell from the cell's checkpoint.
-                    failure_config=tune.FailureConfig(max_failures=ablation.max_failures),
-                    verbose=0,
-                ),
-            )
-            grid = tuner.fit()
-            for result in grid:
-                if result.error is not None:
-                    name = payload[result.config["cell"]]["name"]
-                    failed[name] = progress.failed.get(name) or str(result.error).strip().splitlines()[-1][:300]
-    except BaseException as exc:
-        client.set_tag(parent, "orchestrator.error", redact_secrets(f"interrupted: {exc!r}")[:5000])
-        client.set_terminated(parent, status="FAILED")
-        raise
+    for result in _tuner(plan, todo, parent, progress).fit():
+        if result.error is not None:
+            name = names[result.config["cell"]]
+            failed[name] = progress.failed.get(name) or str(result.error).strip().splitlines()[-1][:300]
+    return failed
 
+
+def _sweep_tables(plan: SweepPlan, parent: str) -> tuple[list[Path], str]:
+    """(the table files, the paper table's Markdown); when there is no table, the Markdown says why."""
+    from orchestrator.reporting.tables import TablesError, default_out_dir, write_tables
+
+    baseline = normalize_pipeline(plan.ablation.baseline) if plan.ablation.baseline else None
     try:
-        files = write_tables(uri, experiment, parent_run_id=parent, out_dir=default_out_dir(ablation.name),
-                             baseline=normalize_pipeline(ablation.baseline) if ablation.baseline else None)
-        markdown = files.markdown
+        files = write_tables(plan.tracking_uri, plan.experiment, parent_run_id=parent,
+                             out_dir=default_out_dir(plan.ablation.name), baseline=baseline)
     except TablesError as exc:  # e.g. every cell failed: say so, the failures are the news
-        files, markdown = [], f"(no table: {exc})"
+        return [], f"(no table: {exc})"
+    return files.paths, files.markdown
+
+
+def _close_parent(client, parent: str, failed: dict[str, str]) -> None:
     if failed:
-        client.set_tag(parent, "orchestrator.failed_cells", json.dumps(sorted(failed))[:5000])
+        client.set_tag(parent, FAILED_CELLS_TAG, json.dumps(sorted(failed))[:TAG_VALUE_LIMIT])
         client.set_terminated(parent, status="FAILED")
     else:
         client.set_terminated(parent, status="FINISHED")
-    return SweepOutcome(ablation.name, experiment, uri, parent, len(cells), len(done), failed, markdown,
-                        list(files), time.time() - t0)
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: bool = False, out=None) -> SweepOutcome:
+    """Plan the sweep, open its parent run (found again with `resume`), train the cells not finished yet,
+    write the tables, and close the parent: FAILED when a cell failed or the sweep was interrupted."""
+    out = out or sys.stdout
+    t0 = time.time()
+    plan = plan_sweep(path, overrides)
+    ablation, uri = plan.ablation, plan.tracking_uri
+    print(format_cells(ablation, plan.cells, plan.notes), file=out, flush=True)
+    parent = open_parent(ablation, Path(path).read_text(), plan.cells, base_values(ablation, plan.base_tree), uri,
+                         plan.experiment, resume, base_fingerprint(path, ablation, overrides))
+    done = finished_cells(plan.cells, uri, plan.experiment) if resume else set()
+    todo = [c for c in plan.cells if c.name not in done]
+    if done:
+        print(f"resuming: {len(done)} cell(s) already finished, {len(todo)} to run", file=out, flush=True)
+
+    client = tracking_client(uri)
+    try:
+        failed = _run_cells(plan, todo, parent, len(done), out) if todo else {}
+    except BaseException as exc:
+        mark_failed(client, parent, f"interrupted: {exc!r}")
+        raise
+    files, markdown = _sweep_tables(plan, parent)
+    _close_parent(client, parent, failed)
+    return SweepOutcome(ablation.name, plan.experiment, uri, parent, len(plan.cells), len(done), failed, markdown,
+                        files, time.time() - t0)

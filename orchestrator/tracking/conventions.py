@@ -1,15 +1,83 @@
-"""MLflow conventions in one place: tag names, run identity, store URIs and the client."""
+"""MLflow conventions in one place: the tags this package writes and reads, how runs are named and
+found again, store URIs, and the client. Every MLflow name the package uses is spelled here."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from orchestrator.config import RunConfig, resolve_path, resolve_storage
 
-RUN_KEY_TAG = "orchestrator.run_key"
+# ---- tags MLflow itself reads (the UI nests and names runs by them)
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+# ---- tags of every training run
+
+RUN_KEY_TAG = "orchestrator.run_key"  # identity across restarts, see run_key()
 PIPELINE_TAG = "orchestrator.pipeline"
+ERROR_TAG = "orchestrator.error"  # why a run FAILED (redacted)
+RESUMED_TAG = "orchestrator.resumed"
+RESUMED_FROM_TAG = "orchestrator.resumed_from"
+WORKER_THREADS_TAG = "orchestrator.worker_threads"
+WORKER_MALLOC_TAG = "orchestrator.worker_malloc"
+
+# ---- tags of a sweep: its parent run carries the role, axes, baseline and base; each cell run its cell name
+
+ROLE_TAG = "orchestrator.role"
+SWEEP_ROLE = "sweep"  # ROLE_TAG's value on a sweep's parent run
+SWEEP_TAG = "orchestrator.sweep"
+CELL_TAG = "orchestrator.cell"
+AXES_TAG = "orchestrator.axes"
+BASELINE_TAG = "orchestrator.baseline"
+BASE_VALUES_TAG = "orchestrator.base_values"
+BASE_FINGERPRINT_TAG = "orchestrator.base_fingerprint"
+FAILED_CELLS_TAG = "orchestrator.failed_cells"
+
+TAG_VALUE_LIMIT = 5000  # characters kept of a long tag value (an error message); MLflow refuses longer ones
+
+
+def stage_tag(index: int, what: str) -> str:
+    """A fact about one stage of the pipeline: `orchestrator.stage0.grad_average`."""
+    return f"orchestrator.stage{index}.{what}"
+
+
+def tag_equals(tag: str, value: str) -> str:
+    """A search_runs filter for runs whose `tag` is `value`."""
+    return f"tags.`{tag}` = '{value}'"
+
+
+def normalize_pipeline(label: str) -> str:
+    """`sft:ce→grpo:ccc`, `sft:ce > grpo:ccc` -> `sft:ce -> grpo:ccc`: how params and tags store a pipeline."""
+    return " -> ".join(part for part in re.split(r"\s*(?:->|→|>)\s*", label.strip()) if part)
+
+
+def run_key(cfg: RunConfig) -> str:
+    """Identity of a run across restarts: same storage + name = same MLflow run."""
+    return hashlib.sha256(f"{resolve_storage(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
+
+
+def find_sweep_parent(client, experiment_ids: list[str], sweep: str | None = None):
+    """The latest parent run of the sweep named `sweep` (of any sweep when None), or None."""
+    query = tag_equals(ROLE_TAG, SWEEP_ROLE)
+    if sweep is not None:
+        query += " and " + tag_equals(SWEEP_TAG, sweep)
+    runs = client.search_runs(experiment_ids, filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+# ---- store URIs
+
+_SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI; None for any other store (a tracking server)."""
+    return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
 
 
 def default_tracking_uri() -> str:
@@ -17,7 +85,7 @@ def default_tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{resolve_path('mlruns') / 'mlflow.db'}"
+    return f"{_SQLITE}{resolve_path('mlruns') / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(cfg: RunConfig) -> str:
@@ -25,39 +93,43 @@ def resolve_tracking_uri(cfg: RunConfig) -> str:
 
 
 def _artifact_root(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
-    return None  # a tracking server decides
+    db = sqlite_path(uri)
+    return None if db is None else (db.parent / "artifacts").as_uri()  # None: a tracking server decides
+
+
+# ---- the client
+
+
+def _mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
 
 
 def ensure_store(uri: str) -> None:
     """A local SQLite store exists before MLflow opens it, its schema created by one process at a time:
     two launches opening a new store together otherwise race on MLflow's CREATE INDEX and one dies."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         return
-    db = Path(uri[len("sqlite:///") :])
     ready = db.parent / f".{db.name}.ready"  # SQLite creates the file before the schema is complete
     if ready.exists():
         return
     db.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
 
-    from mlflow import MlflowClient
-
     with open(db.parent / f".{db.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not ready.exists():
-            MlflowClient(uri).search_experiments(max_results=1)  # creates, or upgrades, the schema
+            _mlflow_client(uri).search_experiments(max_results=1)  # creates, or upgrades, the schema
             ready.touch()
 
 
 def tracking_client(uri: str):
     """An MlflowClient for `uri`. Constructing one creates (or migrates) a SQLite store's schema, so the
     store is made ready under a lock first; every client in this package comes from here."""
-    from mlflow import MlflowClient
-
     ensure_store(uri)
-    return MlflowClient(uri)
+    return _mlflow_client(uri)
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
@@ -71,18 +143,3 @@ def ensure_experiment(client, name: str, uri: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
-
-
-def run_key(cfg: RunConfig) -> str:
-    """Identity of a run across restarts: same storage + name = same MLflow run."""
-    return hashlib.sha256(f"{resolve_storage(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
-
-
-SWEEP_TAG = "orchestrator.sweep"
-ROLE_TAG = "orchestrator.role"
-CELL_TAG = "orchestrator.cell"
-BASE_TAG = "orchestrator.base_fingerprint"
-PARENT_TAG = "mlflow.parentRunId"
-AXES_TAG = "orchestrator.axes"
-BASELINE_TAG = "orchestrator.baseline"
-BASE_VALUES_TAG = "orchestrator.base_values"

@@ -40,7 +40,6 @@ class RunLogger:
                  retry_s: float = 1.0, max_retry_s: float = 15.0):
         import threading
 
-
         _quick_failing_http()
         self.uri, self.run_id = uri, run_id
         self.client = tracking_client(uri)
@@ -165,7 +164,8 @@ class RunLogger:
         if path is None or not path.is_file():
             return []
         entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [{k: v for k, v in e.items() if k not in ("uri", "run_id")} for e in entries if e.get("run_id") == self.run_id]
+        mine = [e for e in entries if e.get("run_id") == self.run_id]
+        return [{k: v for k, v in e.items() if k not in ("uri", "run_id")} for e in mine]
 
 
 def send_entries(client, run_id: str, entries: list[dict[str, Any]]) -> None:
@@ -184,7 +184,6 @@ def send_entries(client, run_id: str, entries: list[dict[str, Any]]) -> None:
 
 def resend_spool(path: str | Path, tracking_uri: str | None = None) -> int:
     """Deliver a spool file left by a run whose tracking store was unreachable; returns entries sent."""
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no spool file at {path}")
