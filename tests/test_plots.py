@@ -39,7 +39,8 @@ def test_ordinary_cell(tmp_path):
     targets = [float(t) for t in range(10, 22) for _ in range(3)]  # bins 20, 21 are unseen: few-shot
     preds = [None if i % 7 == 0 else t + float(rng.normal(0, 1)) for i, t in enumerate(targets)]
     regions = ["many" if t < 11 else "medium" if t < 18 else "few" for t in targets]
-    paths = cell_plots(predictions(targets, preds, regions), train, label_step=1, many=100, few=20, out_dir=tmp_path / "plots")
+    paths = cell_plots(predictions(targets, preds, regions), train, label_step=1, many=100, few=20,
+                       out_dir=tmp_path / "plots")
     check_pngs(paths, tmp_path / "plots")
 
 
@@ -55,14 +56,16 @@ def test_ordinary_cell(tmp_path):
 )
 def test_degenerate_cells(tmp_path, targets, preds, train):
     # no region column: computed from the training counts
-    paths = cell_plots(predictions(targets, preds), np.asarray(train, float), label_step=1, many=2, few=1, out_dir=tmp_path)
+    paths = cell_plots(predictions(targets, preds), np.asarray(train, float), label_step=1, many=2, few=1,
+                       out_dir=tmp_path)
     check_pngs(paths, tmp_path)
 
 
 def test_wide_bins_and_bad_input(tmp_path):
     train = np.array([300.0, 700.0, 800.0, 4000.0, 18000.0])
     paths = cell_plots(
-        predictions([500.0, 17990.0], [650.0, 1000.0], ["many", "few"]), train, label_step=500, many=1, few=1, out_dir=tmp_path
+        predictions([500.0, 17990.0], [650.0, 1000.0], ["many", "few"]), train, label_step=500, many=1, few=1,
+        out_dir=tmp_path,
     )
     check_pngs(paths, tmp_path)
     with pytest.raises(ValueError, match="label_step"):

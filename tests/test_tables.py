@@ -22,17 +22,9 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.reporting.tables import (
-    MISSING,
-    Cell,
-    TablesError,
-    build_tables,
-    format_cell,
-    render_latex,
-    render_markdown,
-    tex_escape,
-    write_tables,
-)
+from orchestrator.reporting.layout import MISSING, TableCell
+from orchestrator.reporting.render import format_cell, render_latex, render_markdown, tex_escape
+from orchestrator.reporting.tables import TablesError, build_tables, write_tables
 
 CE, CHAIN = "sft:ce", "sft:ce -> grpo:ccc"
 G = "pipeline.1.group_size"
@@ -102,7 +94,7 @@ def log_run(client, exp_id, params, metrics, status, tags=None):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One SQLite store for the module (creating one costs ~5 s): experiment `ablation` with a sweep,
+    """One SQLite store for the module (creating one is slow): experiment `ablation` with a sweep,
     experiment `plain` with runs of `orchestrator train` and no parent."""
     from mlflow import MlflowClient
 
@@ -122,7 +114,9 @@ def store(tmp_path_factory):
         },
     ).info.run_id
     for i, ((pipeline, dataset, group, seed), mae) in enumerate(MAE_ALL.items()):
-        metrics = {} if mae is None else {**metrics_of(pipeline, dataset, mae), **metrics_of(pipeline, dataset, mae, "val")}
+        metrics = {} if mae is None else {
+            **metrics_of(pipeline, dataset, mae), **metrics_of(pipeline, dataset, mae, "val")
+        }
         tags = {"mlflow.parentRunId": parent, "orchestrator.cell": f"cell{i}", "orchestrator.sweep": "grid"}
         status = "FAILED" if mae is None else "FINISHED"
         log_run(client, exp, params_of(pipeline, dataset, group, seed, f"cell{i}"), metrics, status, tags)
@@ -171,10 +165,10 @@ def md_rows(markdown: str) -> dict[str, list[str]]:
 
 
 def test_files_written_and_logged_to_the_parent(store, sweep_files):
-    names = sorted(p.name for p in sweep_files)
+    names = sorted(p.name for p in sweep_files.paths)
     stems = ["axis-pipeline.1.group_size", "paper"]
     assert names == sorted(f"{s}.{e}" for s in stems for e in ("csv", "md", "tex"))
-    assert sweep_files[0].name == "paper.md" and sweep_files.markdown == sweep_files[0].read_text()
+    assert sweep_files.paths[0].name == "paper.md" and sweep_files.markdown == sweep_files.paths[0].read_text()
     logged = {a.path for a in store["client"].list_artifacts(store["parent"], "tables")}
     assert logged == {f"tables/{n}" for n in names}
 
@@ -256,7 +250,7 @@ def test_axis_table_rows_and_partial_cells(sweep_files):
     # G=8 diamonds: one seed only -> a mean, no std, marked
     c = axis.cell("8", "diamonds/mae/all")
     assert c.values == (800.0,) and c.std is None
-    rows = md_rows((sweep_files[0].parent / "axis-pipeline.1.group_size.md").read_text())
+    rows = md_rows((sweep_files.paths[0].parent / "axis-pipeline.1.group_size.md").read_text())
     col = {h: i for i, h in enumerate(rows["pipeline.1.group_size"])}
     assert rows["8"][col["movies MAE All"]] == "**5.30 ± 0.14 (n=2/3)**"
     assert rows["8"][col["diamonds MAE All"]] == "800.00 (n=1/3)"
@@ -269,7 +263,7 @@ def test_axis_table_rows_and_partial_cells(sweep_files):
 
 
 def test_latex_booktabs_and_escapes(sweep_files):
-    tex = (sweep_files[0].parent / "paper.tex").read_text()
+    tex = (sweep_files.paths[0].parent / "paper.tex").read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){2-9}", r"\cmidrule(lr){10-17}"):
         assert rule in tex
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
@@ -281,14 +275,16 @@ def test_latex_booktabs_and_escapes(sweep_files):
     # every data line has one cell per column
     body = [line for line in tex.splitlines() if line.startswith(("sft", r"$\Delta$"))]
     assert len(body) == 3 and all(line.count(" & ") == 16 for line in body)
-    axis_tex = (sweep_files[0].parent / "axis-pipeline.1.group_size.tex").read_text()
+    axis_tex = (sweep_files.paths[0].parent / "axis-pipeline.1.group_size.tex").read_text()
     assert r"pipeline.1.group\_size & All" in axis_tex
-    assert tex_escape("a_b & 50% #1 {x} ~ ^ \\") == r"a\_b \& 50\% \#1 \{x\} \textasciitilde{} \textasciicircum{} \textbackslash{}"
+    assert tex_escape("a_b & 50% #1 {x} ~ ^ \\") == (
+        r"a\_b \& 50\% \#1 \{x\} \textasciitilde{} \textasciicircum{} \textbackslash{}"
+    )
 
 
 def test_csv_round_trips_the_numbers(sweep_files):
     paper = sweep_files.tables[0]
-    lines = read_csv(sweep_files[0].parent / "paper.csv")
+    lines = read_csv(sweep_files.paths[0].parent / "paper.csv")
     assert [(r["kind"], r["pipeline"]) for r in lines] == [("value", CE), ("value", CHAIN), ("delta", CHAIN)]
     assert lines[2]["reference"] == "sft:ce"
     for line, row in zip(lines[:2], paper.rows):
@@ -308,7 +304,7 @@ def test_tables_agree_with_the_store(store, sweep_files):
     client = store["client"]
     exp = client.get_experiment_by_name("ablation")
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{store['parent']}'")
-    lines = {r["pipeline"]: r for r in read_csv(sweep_files[0].parent / "paper.csv") if r["kind"] == "value"}
+    lines = {r["pipeline"]: r for r in read_csv(sweep_files.paths[0].parent / "paper.csv") if r["kind"] == "value"}
     checked = 0
     for c in sweep_files.tables[0].columns:
         for pipeline, line in lines.items():
@@ -331,7 +327,8 @@ def test_tables_agree_with_the_store(store, sweep_files):
 
 
 def test_val_split_and_explicit_baseline(store, tmp_path):
-    files = write_tables(store["uri"], "ablation", out_dir=tmp_path, split="val", baseline="sft:ce→grpo:ccc", log_to_parent=False)
+    files = write_tables(store["uri"], "ablation", out_dir=tmp_path, split="val", baseline="sft:ce→grpo:ccc",
+                         log_to_parent=False)
     paper = files.tables[0]
     assert paper.cell("sft:ce", "movies/mae/all").mean == pytest.approx(107.0)
     assert [d.label for d in paper.deltas] == ["Δ sft:ce"] and paper.deltas[0].reference == "sft:ce → grpo:ccc"
@@ -387,7 +384,8 @@ def frame(rows) -> pd.DataFrame:
 def test_core_from_a_pyarrow_table_and_repeated_runs():
     import pyarrow as pa
 
-    runs = frame([(CE, 1, "FINISHED", 1.0), (CE, 1, "FINISHED", 3.0), (CE, 2, "FINISHED", 5.0), ("grpo:ccc", 1, "FAILED", None)])
+    runs = frame([(CE, 1, "FINISHED", 1.0), (CE, 1, "FINISHED", 3.0), (CE, 2, "FINISHED", 5.0),
+                  ("grpo:ccc", 1, "FAILED", None)])
     # a run that failed before logging any param cannot be placed and is left out
     runs = pd.concat([runs, pd.DataFrame([{"run_id": "x", "status": "FAILED", "start_time": 9}])], ignore_index=True)
     (paper,) = build_tables(pa.Table.from_pandas(runs), axes=["pipeline", "seed"])
@@ -408,20 +406,22 @@ def test_core_errors():
     with pytest.raises(TablesError, match="baseline 'grpo:mae' is not a pipeline"):
         build_tables(frame([(CE, 1, "FINISHED", 1.0)]), baseline="grpo:mae")
     # the sweep's own baseline without runs is a note, not an error; Δ falls back to sft:ce
-    (paper,) = build_tables(frame([(CE, 1, "FINISHED", 1.0), ("grpo:ccc", 1, "FINISHED", 2.0)]), sweep_baseline="grpo:mae")
+    two = frame([(CE, 1, "FINISHED", 1.0), ("grpo:ccc", 1, "FINISHED", 2.0)])
+    (paper,) = build_tables(two, sweep_baseline="grpo:mae")
     assert "The sweep's baseline grpo:mae has no runs." in paper.notes and paper.deltas[0].reference == "sft:ce"
-    (paper,) = build_tables(frame([(CE, 1, "FINISHED", 1.0), ("grpo:ccc", 1, "FINISHED", 2.0)]), sweep_baseline="grpo:ccc")
+    (paper,) = build_tables(two, sweep_baseline="grpo:ccc")
     assert [r.label for r in paper.rows] == ["grpo:ccc", "sft:ce"] and paper.deltas[0].values[0] == pytest.approx(-1.0)
     with pytest.raises(TablesError, match="no param 'data.name'"):
-        build_tables(pd.DataFrame({"run_id": ["a"], "status": ["FINISHED"], "params.seed": ["1"], "params.pipeline": [CE]}))
+        build_tables(pd.DataFrame({"run_id": ["a"], "status": ["FINISHED"], "params.seed": ["1"],
+                                   "params.pipeline": [CE]}))
 
 
 def test_cell_formatting():
-    assert format_cell(Cell((1.0, 2.0, 3.0), 3)) == "2.00 ± 1.00"
-    assert format_cell(Cell((1.0,), 1)) == "1.00"
-    assert format_cell(Cell((1.0, 2.0), 3)) == "1.50 ± 0.71 (n=2/3)"
-    assert format_cell(Cell((), 3)) == MISSING
-    assert Cell((2.0, 4.0), 2).std == pytest.approx(np.std([2.0, 4.0], ddof=1))
+    assert format_cell(TableCell((1.0, 2.0, 3.0), 3)) == "2.00 ± 1.00"
+    assert format_cell(TableCell((1.0,), 1)) == "1.00"
+    assert format_cell(TableCell((1.0, 2.0), 3)) == "1.50 ± 0.71 (n=2/3)"
+    assert format_cell(TableCell((), 3)) == MISSING
+    assert TableCell((2.0, 4.0), 2).std == pytest.approx(np.std([2.0, 4.0], ddof=1))
 
 
 def test_single_seed_single_row_table_renders():

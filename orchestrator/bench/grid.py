@@ -19,18 +19,16 @@ def _latest_sweep_run(client, experiments, sweep: str):
 def load_grid(sweep: str, tracking_uri: str,
               experiment: str | None = None) -> tuple[float, dict[str, dict[str, float]]]:
     """(sweep wall seconds, {cell: metrics}) of the latest sweep named `sweep`."""
-    from mlflow import MlflowClient
-
-    from orchestrator.reporting.tables import _check_store
-    from orchestrator.tracking.conventions import CELL_TAG, PARENT_TAG
+    from orchestrator.reporting.runs import require_store
+    from orchestrator.tracking.conventions import CELL_TAG, PARENT_TAG, tracking_client
 
     try:
-        _check_store(tracking_uri)
+        require_store(tracking_uri)
     except Exception as exc:
         raise BenchError(str(exc)) from None
     if "'" in sweep:
         raise BenchError(f"invalid sweep name {sweep!r}")
-    client = MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
     exps = [e for e in exps if e is not None]
     if not exps:

@@ -76,13 +76,18 @@ def _shade_regions(ax, bins: np.ndarray, counts: dict[int, int], label_step: flo
             start = i
 
 
+def _floats(values: list) -> np.ndarray:
+    """Nulls (a parse failure) as NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
 def _columns(predictions):
     names = set(predictions.column_names)
     missing = {"target", "prediction"} - names
     if missing:
         raise ValueError(f"predictions lack column(s) {sorted(missing)}; have {sorted(names)}")
-    targets = np.array([np.nan if v is None else v for v in predictions.column("target").to_pylist()], dtype=np.float64)
-    preds = np.array([np.nan if v is None else v for v in predictions.column("prediction").to_pylist()], dtype=np.float64)
+    targets = _floats(predictions.column("target").to_pylist())
+    preds = _floats(predictions.column("prediction").to_pylist())
     regions = predictions.column("region").to_pylist() if "region" in names else None
     return targets, preds, regions
 
