@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.data import load_built
 from orchestrator.engine.checkpoints import STATE_FILE, verify_checkpoint, write_manifest
+from orchestrator.engine.deepspeed import shared_gradients_of
 from orchestrator.engine.handoff import handoff_module
 from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
 from orchestrator.modeling.models import (
@@ -28,6 +29,7 @@ from orchestrator.modeling.models import (
 )
 from orchestrator.stages.context import StageContext
 from orchestrator.stages.timing import Stopwatch
+from orchestrator.tracking.conventions import RESUMED_FROM_TAG, WORKER_MALLOC_TAG, WORKER_THREADS_TAG, stage_tag
 from orchestrator.tracking.logger import RunLogger
 
 STAGE_RUNNERS = {"sft": "orchestrator.stages.sft:run_sft_stage", "grpo": "orchestrator.stages.grpo:run_grpo_stage"}
@@ -192,15 +194,15 @@ class Worker:
         if self.logger is None:
             return
         if restore.folder is not None:
-            self.logger.set_tag("orchestrator.resumed_from", f"stage {restore.stage_index} step {restore.step}")
-        self.logger.set_tag("orchestrator.worker_threads", str(torch.get_num_threads()))
-        self.logger.set_tag("orchestrator.worker_malloc", os.environ.get("GLIBC_TUNABLES", "glibc default"))
+            self.logger.set_tag(RESUMED_FROM_TAG, f"stage {restore.stage_index} step {restore.step}")
+        self.logger.set_tag(WORKER_THREADS_TAG, str(torch.get_num_threads()))
+        self.logger.set_tag(WORKER_MALLOC_TAG, os.environ.get("GLIBC_TUNABLES", "glibc default"))
 
     def tag_gradient_average(self, stage_index: int, engine) -> None:
         """How this stage's gradients were averaged over the workers."""
         if self.logger is not None and self.world_size > 1:
-            how = "shared memory" if engine.shared_gradients is not None else "deepspeed"
-            self.logger.set_tag(f"orchestrator.stage{stage_index}.grad_average", how)
+            how = "shared memory" if shared_gradients_of(engine) is not None else "deepspeed"
+            self.logger.set_tag(stage_tag(stage_index, "grad_average"), how)
 
     def finish_logging(self, metrics: dict[str, float], predictions: dict, step: int, watch: Stopwatch,
                        elapsed: float) -> None:
