@@ -5,22 +5,11 @@ from __future__ import annotations
 from orchestrator.bench.settings import BenchError
 
 
-def _latest_sweep_run(client, experiments, sweep: str):
-    from orchestrator.tracking.conventions import ROLE_TAG, SWEEP_TAG
-
-    parents = client.search_runs(
-        [e.experiment_id for e in experiments],
-        filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    return parents[0] if parents else None
-
-
 def load_grid(sweep: str, tracking_uri: str,
               experiment: str | None = None) -> tuple[float, dict[str, dict[str, float]]]:
     """(sweep wall seconds, {cell: metrics}) of the latest sweep named `sweep`."""
     from orchestrator.reporting.runs import require_store
-    from orchestrator.tracking.conventions import CELL_TAG, PARENT_TAG, tracking_client
+    from orchestrator.tracking.conventions import CELL_TAG, PARENT_TAG, find_sweep_parent, tracking_client
 
     try:
         require_store(tracking_uri)
@@ -33,7 +22,7 @@ def load_grid(sweep: str, tracking_uri: str,
     exps = [e for e in exps if e is not None]
     if not exps:
         raise BenchError(f"no experiment {experiment!r} at {tracking_uri}")
-    parent = _latest_sweep_run(client, exps, sweep)
+    parent = find_sweep_parent(client, [e.experiment_id for e in exps], sweep)
     if parent is None:
         raise BenchError(f"no sweep named {sweep!r} at {tracking_uri}")
     if parent.info.end_time is None:

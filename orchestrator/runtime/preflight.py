@@ -20,6 +20,15 @@ from orchestrator.tracking.conventions import resolve_tracking_uri
 from orchestrator.tracking.runs import check_tracking_store
 
 
+def check_package_versions() -> None:
+    """The packages whose internals orchestrator/compat.py patches are the versions it was written for:
+    importing it checks, and a mismatch is refused here, before Ray starts, rather than in every worker."""
+    try:
+        import orchestrator.compat  # noqa: F401
+    except RuntimeError as exc:  # compat.UntestedVersionError, raised by the import itself
+        raise ConfigError(str(exc)) from None
+
+
 def answer_token_length(tokenizer, label_min: float, label_max: float) -> int:
     """Tokens of the longest answer in the label range, end-of-turn included."""
     return 1 + max(
@@ -172,6 +181,7 @@ class PreparedRun:
 
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Every check that bad input can fail, and the (cached) data build; no training compute."""
+    check_package_versions()
     check_rewards(cfg)
     check_ray_address()
     check_storage(cfg)

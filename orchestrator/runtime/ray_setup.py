@@ -16,11 +16,16 @@ WORKER_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc
 
 
 def worker_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment of the Ray worker processes: one compute thread unless a stage asks for more, and
-    the malloc setting above unless the user already chose GLIBC_TUNABLES (workers then inherit it)."""
+    """Environment of the Ray worker processes: one compute thread unless a stage asks for more, the
+    malloc setting above unless the user already chose GLIBC_TUNABLES (workers then inherit it), and the
+    driver's permission to run untested package versions (workers on other nodes do not inherit it)."""
+    from orchestrator.compat import UNTESTED_VERSIONS_ENV
+
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if "GLIBC_TUNABLES" not in environ:
         env["GLIBC_TUNABLES"] = WORKER_MALLOC_TUNABLES
+    if UNTESTED_VERSIONS_ENV in environ:
+        env[UNTESTED_VERSIONS_ENV] = environ[UNTESTED_VERSIONS_ENV]
     return env
 
 
