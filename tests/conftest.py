@@ -44,3 +44,15 @@ def process_group():
 
         ds_comm.cdb, ds_groups._WORLD_GROUP = None, None  # nothing cached from another group
     yield
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module (starting one costs seconds), shut down after it."""
+    import ray
+
+    from orchestrator.runtime.ray_setup import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

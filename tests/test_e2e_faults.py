@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import free_ports
 from mlflow import MlflowClient
-from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+from test_e2e_train import make_cfg, metric_history
 
 from orchestrator.runtime.driver import run_training
 

@@ -31,17 +31,6 @@ TINY_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from orchestrator.runtime.ray_setup import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def make_cfg(tmp_path: Path, *overrides: str):
     return load_run_config(
         overrides=[

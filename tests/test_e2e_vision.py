@@ -6,7 +6,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
-from test_e2e_train import make_cfg, metric_history, ray_cluster  # noqa: F401  (shared fixture)
+from test_e2e_train import make_cfg, metric_history
 
 from orchestrator.methods.answers import parse_answer
 from orchestrator.runtime.driver import run_training
