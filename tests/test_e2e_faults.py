@@ -183,8 +183,10 @@ def test_a_lost_node_moves_its_cells_to_the_survivor(tmp_path):
         def cell_steps() -> dict[str, int]:
             exp = store.get_experiment_by_name("two-node") if (home / "mlruns" / "mlflow.db").exists() else None
             runs = store.search_runs([exp.experiment_id]) if exp else []
-            return {r.info.run_id: max((m.step for m in store.get_metric_history(r.info.run_id, "train/loss")), default=0)
-                    for r in runs if "orchestrator.cell" in r.data.tags and r.info.status == "RUNNING"}
+            return {
+                r.info.run_id: max((m.step for m in store.get_metric_history(r.info.run_id, "train/loss")), default=0)
+                for r in runs if "orchestrator.cell" in r.data.tags and r.info.status == "RUNNING"
+            }
 
         deadline = time.time() + 600
         while not any(w["node_id"] != head_id for w in ray_list("actors", class_name="RayTrainWorker", state="ALIVE")):
@@ -232,7 +234,8 @@ def test_a_tracking_server_outage_loses_no_metric(tmp_path, ray_cluster):
                   "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
 
     def start_server():
-        proc = subprocess.Popen(server_cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(server_cmd, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:

@@ -37,7 +37,8 @@ ABLATION = {
 def sweep(tmp_path, *args, wait=True):
     env = {**os.environ, "ORCHESTRATOR_HOME": str(tmp_path)}
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(tmp_path / "grid.yaml"), *args]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
         out, _ = proc.communicate(timeout=900)
         return proc.returncode, out
@@ -114,7 +115,9 @@ def test_grid_killed_then_resumed_runs_each_cell_once_and_tables_match_mlflow(tm
             assert run.info.run_id == before[name].info.run_id
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)), f"{name}: steps logged twice {steps}"
-    parents = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("orchestrator.role") == "sweep"]
+    parents = [
+        r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("orchestrator.role") == "sweep"
+    ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
 

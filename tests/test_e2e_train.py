@@ -78,7 +78,9 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     assert checkpoints, "no checkpoint written"
     assert any(p.name.startswith("zero_pp_rank_1") for p in checkpoints[-1].rglob("*"))  # both ranks' shards
     # the run's wall time split into phases (what `orchestrator bench --grid` reads)
-    t = {k[len("time/"):-len("_s")]: v for k, v in run.data.metrics.items() if k.startswith("time/") and k.endswith("_s")}
+    t = {
+        k[len("time/"):-len("_s")]: v for k, v in run.data.metrics.items() if k.startswith("time/") and k.endswith("_s")
+    }
     for phase in ("worker_start", "model_load", "deepspeed_init", "train", "checkpoint", "eval", "tracking",
                   "worker_total", "teardown", "driver_prepare", "driver_fit", "driver_total"):
         assert phase in t and t[phase] >= 0, phase

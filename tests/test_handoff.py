@@ -54,7 +54,9 @@ def test_engine_steps_are_textbook_adamw(zero):
     """The engine's fused AdamW under ZeRO-0/2/3 moves the weights as torch's per-tensor AdamW loop, with
     the same warm-up/decay schedule and gradient clipping, does on a copy of the model."""
     cfg = cfg_for(zero)
-    stage = cfg.pipeline[0].model_copy(update={"warmup_steps": 2, "steps": 4, "weight_decay": 0.1, "max_grad_norm": 0.5})
+    stage = cfg.pipeline[0].model_copy(
+        update={"warmup_steps": 2, "steps": 4, "weight_decay": 0.1, "max_grad_norm": 0.5}
+    )
     model, _ = load_model_and_tokenizer(cfg.model, "tiny")
     plain = copy.deepcopy(model)
     engine = build_engine(model, stage, cfg)

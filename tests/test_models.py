@@ -113,7 +113,9 @@ def test_global_supervised_count_needs_no_communication():
     """The SFT normaliser: counted from the sample order alone, it equals the sum over every rank's
     collated micro-batches (what an all-reduce of per-worker counts would give)."""
     tok = build_digit_tokenizer()
-    examples = [encode_sft_example(tok, "p" * (i % 7 + 1), "<answer>" + "9" * (i % 4 + 1) + "</answer>") for i in range(23)]
+    examples = [
+        encode_sft_example(tok, "p" * (i % 7 + 1), "<answer>" + "9" * (i % 4 + 1) + "</answer>") for i in range(23)
+    ]
     counts = supervised_counts(examples)
     assert counts[0] == len("<answer>9</answer>") + 1  # the answer and its end-of-turn token
     for step in range(5):

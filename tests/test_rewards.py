@@ -77,7 +77,8 @@ def test_weighted_terms_and_user_rewards():
         texts=[["<answer>30</answer>", "x"]], parsed=[[30.0, None]], targets=[50.0],
         label_min=10, label_max=100, stage=GRPOStage(accuracy_tolerance=20),
     )
-    total, per_term = compute_rewards([("accuracy", 1.0), ("format", 2.0), ("test_rewards:my_constant_reward", 0.5)], ctx)
+    terms = [("accuracy", 1.0), ("format", 2.0), ("test_rewards:my_constant_reward", 0.5)]
+    total, per_term = compute_rewards(terms, ctx)
     assert per_term["accuracy"] == [[1.0, 0.0]] and per_term["format"] == [[0.5, 0.0]]
     assert total == [[1.0 + 1.0 + 0.5, 0.5]]
     with pytest.raises(ValueError, match="unknown reward 'cc'"):

@@ -215,7 +215,9 @@ def unsafe_uses() -> list[tuple[str, int, str]]:
 
 def test_no_unsafe_deserialisation_in_the_code_base():
     unexplained = [(f, line, what) for f, line, what in unsafe_uses() if (f, what) not in ALLOWED_UNSAFE]
-    assert not unexplained, f"unsafe deserialisation (document it in ALLOWED_UNSAFE only if the data is the run's own): {unexplained}"
+    assert not unexplained, (
+        f"unsafe deserialisation (document it in ALLOWED_UNSAFE only if the data is the run's own): {unexplained}"
+    )
 
 
 def test_the_unsafe_scan_finds_what_it_looks_for(tmp_path, monkeypatch):
@@ -224,7 +226,8 @@ def test_the_unsafe_scan_finds_what_it_looks_for(tmp_path, monkeypatch):
     planted.mkdir()
     (planted / "bad.py").write_text(
         "import pickle\nimport torch\nimport pandas as pd\nimport numpy as np\n"
-        "a = torch.load('x.pt')\nb = torch.load('x.pt', weights_only=False)\nc = torch.load('x.pt', weights_only=True)\n"
+        "a = torch.load('x.pt')\nb = torch.load('x.pt', weights_only=False)\n"
+        "c = torch.load('x.pt', weights_only=True)\n"
         "d = pd.read_pickle('x.pkl')\ne = np.load('x.npy', allow_pickle=True)\n"
     )
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", planted)

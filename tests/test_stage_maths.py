@@ -261,7 +261,8 @@ def test_sft_sub_batches_of_similar_length_give_the_same_loss_and_gradients(mode
     examples = [encode_sft_example(tok, p, format_answer(t)) for p, t in zip(PROMPTS, TARGETS)]
 
     def parts(k):
-        return [collate_sft([examples[i] for i in g], tok.pad_token_id) for g in length_groups([len(e[0]) for e in examples], k)]
+        groups_of_k = length_groups([len(e[0]) for e in examples], k)
+        return [collate_sft([examples[i] for i in g], tok.pad_token_id) for g in groups_of_k]
 
     assert sum(p["input_ids"].numel() for p in parts(groups)) < parts(1)[0]["input_ids"].numel()  # less padding
     whole = micro_batch_loss(model, objective(name, params, digits), parts(1))

@@ -10,6 +10,7 @@ from PIL import Image
 from orchestrator.config import ConfigError, ModelConfig, load_run_config
 from orchestrator.data.collate import IGNORE_INDEX, chat_prompt_ids, collate_prompts, collate_sft, encode_sft_example
 from orchestrator.data.images import encode_png
+from orchestrator.modeling.forward import build_sequences, token_logprobs
 from orchestrator.modeling.generation import generate
 from orchestrator.modeling.models import (
     build_digit_tokenizer,
@@ -28,7 +29,6 @@ from orchestrator.modeling.vision import (
     tokens_per_image,
 )
 from orchestrator.runtime.preflight import answer_token_length, check_generation_budgets
-from orchestrator.modeling.forward import build_sequences, token_logprobs
 
 SMALL_VISION = {"image_size": 32, "patch_size": 8, "merge_size": 2, "hidden_size": 32, "intermediate_size": 64}
 ARCHS = ["qwen2-vl", "smolvlm"]
@@ -118,7 +118,7 @@ def test_sft_labels_mask_the_whole_prompt_including_image_tokens(vlm):
     supervised = [t for t in labels if t != IGNORE_INDEX]
     assert tok.decode(supervised) == "<answer>12</answer><|im_end|>"
     first = labels.index(supervised[0])
-    assert all(l == IGNORE_INDEX for l in labels[:first])
+    assert all(label == IGNORE_INDEX for label in labels[:first])
     assert proc.image_token_id in ids[:first] and proc.image_token_id not in supervised
     # A batch of two rows (different lengths) with their pixels runs through the model.
     other = encode_sft_example(tok, proc.prompt_text("Count them."), "<answer>3</answer>")

@@ -29,7 +29,6 @@ import torch
 
 from orchestrator.config import VLM_SMOLLM2_SOURCE, LoraConfig, ModelConfig
 
-
 SMOLLM2_SOURCE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

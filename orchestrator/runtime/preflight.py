@@ -43,7 +43,9 @@ def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_
     needed = answer_token_length(tokenizer, label_min, label_max)
     ends_in_head = bool(cfg.pipeline) and cfg.pipeline[-1].answers_through_head()
     budgets = [] if ends_in_head else [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
-    budgets += [(f"pipeline.{i}.max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.pipeline) if s.kind == "grpo"]
+    budgets += [
+        (f"pipeline.{i}.max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.pipeline) if s.kind == "grpo"
+    ]
     for field, value in budgets:
         if value < needed:
             raise ConfigError(
@@ -65,7 +67,9 @@ def check_rewards(cfg: RunConfig) -> None:
 
 
 # What `from_pretrained` reads weights from (safetensors first; a .bin only through torch.load(weights_only=True)).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 
 
 def check_storage(cfg: RunConfig) -> None:
@@ -115,7 +119,9 @@ def check_model_source(cfg: RunConfig, model_source: str, dataset) -> None:
         )
 
         if model_type not in CONFIG_MAPPING_NAMES:
-            hint = " (it ships its own code; set model.trust_remote_code=true only if you trust it)" if "auto_map" in config else ""
+            hint = ""
+            if "auto_map" in config:
+                hint = " (it ships its own code; set model.trust_remote_code=true only if you trust it)"
             raise ModelError(f"model path {path}: model_type {model_type!r} is unknown to transformers{hint}")
         if kind is not None and model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise ModelError(f"model path {path} holds a {model_type!r} model, not a vision-language model")
