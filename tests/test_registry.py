@@ -4,19 +4,19 @@ import pytest
 from pydantic import Field
 
 from orchestrator.config import GRPOStage, SFTStage, load_run_config
-from orchestrator.config.base import ConfigError, StrictSection
+from orchestrator.config.base import ConfigError
 from orchestrator.methods.grpo import ADVANTAGE_SCALINGS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from orchestrator.methods.objectives import SFT_OBJECTIVES
-from orchestrator.methods.registry import Registry
+from orchestrator.methods.registry import MethodParams, Registry
 from orchestrator.methods.rewards import REWARDS
 from orchestrator.methods.schedules import LR_SCHEDULES
 
 
-class Width(StrictSection):
+class Width(MethodParams):
     width: int = Field(3, description="A width.")
 
 
-class Height(StrictSection):
+class Height(MethodParams):
     height: int = Field(4, description="A height.")
 
 
@@ -44,7 +44,7 @@ def test_parameter_sections_fill_from_a_stage_and_may_not_share_a_field():
     assert shapes.params_of("square", Settings()).width == 7
     assert shapes.params_of("square", None).width == 3  # no settings: the section's defaults
     assert shapes.params_of("plain", Settings()) is None
-    shapes.register("wide", params=type("Wide", (StrictSection,), {"__annotations__": {"width": int}}))(object)
+    shapes.register("wide", params=type("Wide", (MethodParams,), {"__annotations__": {"width": int}}))(object)
     with pytest.raises(ValueError, match="'wide' and 'square' both declare the parameter 'width'"):
         shapes.param_sections()
 

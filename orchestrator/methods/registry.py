@@ -13,7 +13,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ConfigDict
+
 T = TypeVar("T")
+
+
+class MethodParams(BaseModel):
+    """Base of a method's parameter section. Like every config section (config.base.StrictSection) it refuses
+    unknown fields and validates assignments; it lives here so that methods/ never imports the config
+    package, which imports the registries."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 @dataclass(frozen=True)

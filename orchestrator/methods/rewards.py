@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from orchestrator.config.base import StrictSection
 from orchestrator.methods.answers import parse_answer
 from orchestrator.methods.metrics import ccc
-from orchestrator.methods.registry import Registry
+from orchestrator.methods.registry import MethodParams, Registry
 
 Grid = list[list[float]]
 
@@ -40,7 +39,7 @@ class RewardContext:
 REWARDS: Registry[Callable[..., Grid]] = Registry("reward")
 
 
-class MaeRewardParams(StrictSection):
+class MaeRewardParams(MethodParams):
     mae_reward_form: Literal["neg_range", "one_minus_scaled"] = Field(
         "neg_range", description="Form of the point-wise `mae` reward (METHODS §4): neg_range is −|ŷ − y| / label "
         "range (a parse failure gets −1); one_minus_scaled is 1 − min(1, |ŷ − y| / mae_scale) (a failure gets 0).",
@@ -50,7 +49,7 @@ class MaeRewardParams(StrictSection):
     )
 
 
-class AccuracyRewardParams(StrictSection):
+class AccuracyRewardParams(MethodParams):
     accuracy_tolerance: float = Field(
         0.0, ge=0, description="`accuracy` (R1-AQA style, seed 004) pays 1 when |ŷ − y| is at most this.",
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from orchestrator.config.base import StrictSection
 from orchestrator.methods.losses import ce_loss
 from orchestrator.methods.objectives.base import SFT_OBJECTIVES, TokenObjective
+from orchestrator.methods.registry import MethodParams
 
 
-class CrossEntropyParams(StrictSection):
+class CrossEntropyParams(MethodParams):
     digit_weight: float = Field(
         1.0, gt=0, description="`ce`: weight λ of each digit token's CE (the normaliser still counts every token "
         "once); 2 is the control that up-weights digits as SoftLabel does, without soft targets (METHODS §3).",

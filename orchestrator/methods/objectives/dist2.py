@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from orchestrator.config.base import StrictSection
 from orchestrator.methods.losses import dist2_loss
 from orchestrator.methods.objectives.base import SFT_OBJECTIVES, TokenObjective
+from orchestrator.methods.registry import MethodParams
 
 
-class Dist2Params(StrictSection):
+class Dist2Params(MethodParams):
     tau: float = Field(
         1.0, gt=0, description="`dist2`: temperature τ of the digit target softmax(-(v - t)² / τ); smaller is "
         "sharper (DIST²Loss, seed 003: 1).",

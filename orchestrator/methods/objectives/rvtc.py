@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from orchestrator.config.base import StrictSection
 from orchestrator.data.collate import chat_prompt_ids, collate_rvtc
 from orchestrator.methods.objectives.base import SFT_OBJECTIVES, SFTObjective
+from orchestrator.methods.registry import MethodParams
 from orchestrator.methods.rvtc import attach_rvtc_head, head_logits, nearest_bins, rvtc_loss
 
 
-class RvtcParams(StrictSection):
+class RvtcParams(MethodParams):
     rvtc_bins: int = Field(
         51, ge=2, description="`rvtc`: K, bins with evenly spaced centres over the training label range "
         "(RvTC, seed 002: 51).",

@@ -6,15 +6,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from orchestrator.config.base import StrictSection
 from orchestrator.methods.losses import softlabel_loss
 from orchestrator.methods.objectives.base import SFT_OBJECTIVES, TokenObjective
+from orchestrator.methods.registry import MethodParams
 
 # The paper's η for each ψ family.
 PAPER_ETA = {"triangular": 0.08, "binomial": 0.05, "poisson": 0.02, "uniform": 0.05}
 
 
-class SoftLabelParams(StrictSection):
+class SoftLabelParams(MethodParams):
     psi: Literal["triangular", "binomial", "poisson", "uniform"] = Field(
         "triangular", description="`softlabel`: the shape ψ of the soft mass over the digits 0..9, centred on the "
         "target digit (SoftLabel, seed 000; the shapes are defined in orchestrator/methods/losses.py).",
