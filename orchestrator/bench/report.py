@@ -253,7 +253,7 @@ def render_grid(name: str, g: dict[str, Any]) -> str:
         lines += ["", (
             f"- missing in {len(g['missing'])} of {g['cells']} cells: "
             + ", ".join(f"time/{p}_s" for p in which)
-            + " (logged by train.log_run_timings in newer runs); the compute sum covers what was logged"
+            + " (logged by runtime.driver.log_run_timings); the compute sum covers what was logged"
         )]
     return "\n".join(lines) + "\n"
 

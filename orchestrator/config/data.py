@@ -129,7 +129,9 @@ class DataConfig(StrictSection):
         """Stable short hash of everything that changes the built splits (root excluded). A section of
         dataset options counts only for its own dataset; a manifest counts with its file's size and mtime."""
         payload = self.model_dump(exclude={"root", "digit_count", "manifest", "prompt_style"})
-        if self.prompt_style != "full":  # hashed only off its default, so cached default builds stay valid
+        # The default is left out of the payload so that adding the option did not change the fingerprint,
+        # hence the cache key, of any existing build.
+        if self.prompt_style != "full":
             payload["prompt_style"] = self.prompt_style
         if self.name == "digit-count":
             payload["digit_count"] = self.digit_count.model_dump()

@@ -157,7 +157,7 @@ class GRPOSettings(StageBase):
     @field_validator("scale_rewards", mode="before")
     @classmethod
     def _scaling_from_bool(cls, value: Any) -> Any:
-        # METHODS §4 and TRL's older releases write the switch as a bool.
+        # METHODS §4 and some TRL releases write the switch as a bool; both spellings are accepted.
         return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 

@@ -43,7 +43,7 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
         world_size = int(state["world_size"]) if "world_size" in state else None
     except (ValueError, TypeError, AttributeError) as exc:
         return [f"{STATE_FILE} is unreadable: {exc}"]
-    if world_size is None:  # written before manifests existed: nothing to check it against
+    if world_size is None:  # no world size recorded: no manifests to check the files against
         return []
     problems = []
     for rank in range(world_size):

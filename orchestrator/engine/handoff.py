@@ -28,7 +28,7 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
 
 def handoff_module(engine) -> torch.nn.Module:
     """The stage's result as a plain module with full weights and any LoRA adapters merged, so the
-    next stage's engine (and its reference policy) starts from exactly this stage's weights. The old
+    next stage's engine (and its reference policy) starts from exactly this stage's weights. This stage's
     engine is destroyed: its ZeRO gradient hooks would otherwise keep firing in the next stage."""
     from orchestrator.modeling.models import is_lora_model, merge_lora_adapters
 
