@@ -1,4 +1,4 @@
-"""Bad input is refused before any compute, each with one message naming the problem (issue 6).
+"""Bad input is refused before any compute, each with one message naming the problem.
 
 Every case is a row of a table: what it feeds, and the message the user must see. A row runs through
 the real entry point, `orchestrator.cli.main`, in a fresh home that already holds an earlier attempt's
@@ -606,7 +606,7 @@ def test_the_parser_reads_the_blocks_the_documented_pattern_reads():
         blocks = ANSWER_RE.findall(text)
         number = NUMBER_RE.search(blocks[-1]) if blocks else None
         assert parse_answer(text) == (float(number.group()) if number else None), text
-    # the regex retried from every unclosed tag: 26 s on this input (output-long-garbage), now a linear scan
+    # a regex would retry from every unclosed tag (quadratic, many seconds on this input); the scan is linear
     assert parse_answer("<answer>x" * 10000 + "<answer>5</answer>") == 5.0
 
 

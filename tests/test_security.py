@@ -1,4 +1,4 @@
-"""Security defaults, each asserted (issue 6): loopback binds, no remote code, no unpickling of weights or
+"""Security defaults, each asserted: loopback binds, no remote code, no unpickling of weights or
 data, no credentials in MLflow params or tags.
 
 SECURITY_CHECKS maps each test here to the one line README.md's Reliability section shows for it;
