@@ -24,7 +24,9 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/orchestrator sweep ablations/quick.yaml --resume
 
+# Lint first (ruff, configured in pyproject.toml), then the whole suite.
 test: setup
+	$(VENV)/bin/ruff check orchestrator tests jobs
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 tests
 
 test-fast: setup

@@ -1,5 +1,12 @@
 """Method registries: names a config can hold, refused duplicates, parameter sections."""
 
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 from pydantic import Field
 
@@ -77,3 +84,46 @@ def test_an_objective_that_answers_through_a_head_must_end_the_pipeline():
     assert load_run_config(overrides=["pipeline=sft:ce -> sft:rvtc"]).pipeline[-1].answers_through_head()
     with pytest.raises(ConfigError, match="sft:rvtc must be the last stage, but grpo:ccc follows it"):
         load_run_config(overrides=["pipeline=sft:rvtc -> grpo:ccc"])
+
+
+def readme_example(tag: str) -> str:
+    """The Python block that follows `<!-- example:TAG -->` in the README."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- example:{tag} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_adds_an_objective_with_one_file(tmp_path):
+    """The README's focal loss, saved as one file in (a copy of) the objectives folder, becomes `sft:focal`
+    with a documented, validated `focal_gamma`; its loss is checked by hand."""
+    package = tmp_path / "orchestrator"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "orchestrator", package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "methods" / "objectives" / "focal.py").write_text(readme_example("focal"))
+    code = textwrap.dedent('''
+        import math, torch
+        from orchestrator.config import ConfigError, SFTStage, load_run_config
+        from orchestrator.methods.objectives.base import build_objective
+        cfg = load_run_config(overrides=["pipeline=sft:ce -> sft:focal", "pipeline.1.focal_gamma=2"])
+        stage = cfg.pipeline[1]
+        assert stage.label() == "sft:focal" and "Lin et al. 2017" in SFTStage.model_fields["focal_gamma"].description
+        digits = torch.arange(2, 12)
+        objective = build_objective(stage, digits)
+        # token 3 at p = 1/2 (two equal logits), token 5 at p = 1/4, one ignored position
+        probs = torch.tensor([[1.0, 0, 0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+        logits = torch.log(probs.clamp(min=1e-30))
+        logits = torch.cat([logits, torch.full((3, 8), -1e9)], 1)
+        loss, n = objective.loss(logits, torch.tensor([3, 1, -100]), digits)
+        expected = -(0.5 ** 2 * math.log(0.5) + 0.75 ** 2 * math.log(0.25))
+        assert abs(loss.item() - expected) < 1e-5 and n.item() == 2, (loss.item(), expected)
+        try:
+            load_run_config(overrides=["pipeline=sft:focal", "pipeline.0.focal_gamma=-1"])
+        except ConfigError as exc:
+            assert "focal_gamma: Input should be greater than or equal to 0" in str(exc)
+        else:
+            raise AssertionError("a negative gamma was accepted")
+        print("ok")
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
