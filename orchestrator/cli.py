@@ -278,7 +278,13 @@ def add_train_parser(sub) -> None:
     p.add_argument(
         "--max-failures", type=int, default=0, help="worker-group restarts allowed (from the latest checkpoint)"
     )
+    add_verbose_flag(p)
     p.set_defaults(func=cmd_train)
+
+
+def add_verbose_flag(p) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's own INFO lines (reports, checkpoints) and a sweep's worker output")
 
 
 def add_sweep_parser(sub) -> None:
@@ -293,6 +299,7 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the base run config, e.g. data.train_size=1000")
     p.add_argument("--dry-run", action="store_true", help="validate every cell and print them; train nothing")
     p.add_argument("--resume", action="store_true", help="continue this sweep: finished cells are not rerun")
+    add_verbose_flag(p)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -434,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    if getattr(args, "verbose", False):
+        os.environ["ORCHESTRATOR_VERBOSE"] = "1"  # read by the driver, and passed on to every Ray worker
     try:
         return args.func(args)
     except _user_errors() as exc:

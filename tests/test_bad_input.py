@@ -154,7 +154,8 @@ def world(tmp_path, monkeypatch, template_store) -> World:
     def no_compute(*args, **kwargs):
         raise ComputeStarted("a bad input reached compute: Ray was about to start")
 
-    monkeypatch.setattr("orchestrator.runtime.driver.init_ray", no_compute)
+    monkeypatch.setattr("orchestrator.runtime.driver.init_ray", no_compute)  # a run's driver
+    monkeypatch.setattr("orchestrator.runtime.ray_setup.init_ray", no_compute)  # a sweep's
     w = World(home, monkeypatch)
     w.write_jsonl("text.jsonl", [{"prompt": f"question {i}", "target": t} for i, t in enumerate(TARGETS)])
     # The earlier attempt: its store (its run has this home's run key, so a slip would resume it), its results
@@ -522,11 +523,19 @@ def test_the_safety_net_a_failure_after_the_run_exists_marks_it_failed_never_run
 
     from orchestrator.runtime.driver import run_training
 
+    # Ray up and the cluster checked: the next step, after the run exists, is where the compute starts.
+    world.monkeypatch.setattr("orchestrator.runtime.driver.init_ray", lambda: None)
+    world.monkeypatch.setattr("orchestrator.runtime.driver.cluster_spans_nodes", lambda cfg: False)
+
+    def no_compute(*args, **kwargs):
+        raise ComputeStarted("a bad input reached compute: the workers were about to start")
+
+    world.monkeypatch.setattr("orchestrator.runtime.driver.fit_workers", no_compute)
     with pytest.raises(Exception, match="a bad input reached compute"):  # as raised, or wrapped with the run's name
         run_training(load_run_config(overrides=DATA))
     runs = MlflowClient(f"sqlite:///{world.db}").search_runs(["1"])  # experiment `orchestrator`
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert "a bad input reached compute: Ray was about to start" in runs[0].data.tags["orchestrator.error"]
+    assert "a bad input reached compute: the workers were about to start" in runs[0].data.tags["orchestrator.error"]
     assert runs[0].data.tags["orchestrator.resumed"] == "true"  # the earlier run, not a second one
 
 

@@ -56,7 +56,7 @@ def test_incomplete_checkpoints_are_set_aside_not_deleted(tmp_path):
     bad = fake_checkpoint(tmp_path / "run" / "checkpoint_2")
     (bad / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"")
     moved = quarantine_incomplete(tmp_path / "run")
-    assert [p.name for p in moved] == ["checkpoint_2.incomplete"]
+    assert moved == ["checkpoint_2.incomplete"]
     assert good.is_dir() and not bad.exists() and (tmp_path / "run" / "checkpoint_2.incomplete" / "ckpt").is_dir()
     assert quarantine_incomplete(tmp_path / "run") == []  # idempotent
 

@@ -174,6 +174,73 @@ def check_experiment(uri: str, name: str) -> None:
         )
 
 
+# Filesystem types a folder may live on and still be the same folder on every node.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "9p", "efs")
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (longest mount point that contains it)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "unknown"
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (resolved == point or resolved.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def cluster_spans_nodes(cfg: RunConfig) -> bool:
+    """Whether the run's workers may run on another machine than this driver: the Ray cluster has more
+    than one node, or (an autoscaling cluster still at its head) the workers need GPUs the head lacks."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        return True
+    return cfg.scaling.use_gpu and not any(n.get("Resources", {}).get("GPU") for n in nodes)
+
+
+def check_cluster(cfg: RunConfig, tracking_uri: str, spans_nodes: bool) -> None:
+    """On a cluster of several machines, everything the workers write must be reachable from every node:
+    refused here, before any MLflow run is created, are a local tracking store, an experiment whose
+    artifacts go to a file path, and a storage_path on this machine's own disk."""
+    if not spans_nodes:
+        return
+    from orchestrator.engine.storage import is_uri
+    from orchestrator.tracking.conventions import sqlite_path, tracking_client
+
+    server_hint = ("start a tracking server (infra/mlflow/start-server.sh) and set "
+                   "MLFLOW_TRACKING_URI=http://HOST:5000; it serves the artifacts too")
+    if sqlite_path(tracking_uri) is not None or not is_uri(tracking_uri) or tracking_uri.startswith("file:"):
+        raise ConfigError(
+            f"the MLflow store {tracking_uri} is a file on this machine, but the run's workers may run on other "
+            f"nodes of the Ray cluster, which cannot write to it: {server_hint}"
+        )
+    exp = tracking_client(tracking_uri).get_experiment_by_name(cfg.tracking.experiment)
+    root = exp.artifact_location if exp is not None else ""
+    if root.startswith(("file:", "/")):
+        raise ConfigError(
+            f"experiment {cfg.tracking.experiment!r} keeps its artifacts at {root}, a folder that each node would "
+            "write on its own disk; use a new experiment (tracking.experiment=...) on a server started with "
+            "--serve-artifacts (infra/mlflow/start-server.sh), whose experiments get mlflow-artifacts: roots"
+        )
+    storage = resolve_storage(cfg.storage_path)
+    if not is_uri(storage) and filesystem_type(Path(storage)) not in NETWORK_FILESYSTEMS:
+        raise ConfigError(
+            f"storage_path {cfg.storage_path!r} ({storage}) is on this machine's own disk "
+            f"({filesystem_type(Path(storage))}), but the run's workers may run on other nodes: use s3://BUCKET/PREFIX "
+            "or a network filesystem mounted at the same path on every node (NFS, EFS)"
+        )
+
+
 @dataclass
 class PreparedRun:
     """What a run needs before Ray starts, each piece checked: the built dataset, a model source the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 # glibc's malloc hands freed blocks above its mmap threshold (at most 32 MB) back to the OS and page-faults
 # them in again on the next allocation; a training step frees and re-allocates the same large tensors every
@@ -24,17 +25,29 @@ def worker_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if "GLIBC_TUNABLES" not in environ:
         env["GLIBC_TUNABLES"] = WORKER_MALLOC_TUNABLES
-    if UNTESTED_VERSIONS_ENV in environ:
-        env[UNTESTED_VERSIONS_ENV] = environ[UNTESTED_VERSIONS_ENV]
+    for passed_on in (UNTESTED_VERSIONS_ENV, VERBOSE_ENV):
+        if passed_on in environ:
+            env[passed_on] = environ[passed_on]
     return env
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join $RAY_ADDRESS if set, else start a local cluster in-process, dashboard on loopback only."""
+VERBOSE_ENV = "ORCHESTRATOR_VERBOSE"  # set by --verbose: Ray's own INFO lines and every worker's output
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def init_ray(num_cpus: int | None = None, worker_output: bool = True) -> None:
+    """Join $RAY_ADDRESS if set, else start a cluster of this process's own (`address="local"`: a head
+    started earlier by infra/ray-head-start.sh, or left behind by one, is never joined by accident),
+    dashboard on loopback only. `worker_output=False` leaves the workers' output in Ray's log files
+    (a sweep shows its own view instead) unless --verbose."""
     import ray
 
     if ray.is_initialized():
         return
+    log_to_driver = worker_output or verbose()
     env = {"env_vars": worker_env_vars(os.environ)}
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`, Ray refuses a driver runtime_env that sets an env var the job's
@@ -42,9 +55,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
         job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
         env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in job_vars}}
-        ray.init(runtime_env=env, log_to_driver=True)
+        ray.init(runtime_env=env, log_to_driver=log_to_driver)
         return
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=256 * 1024 * 1024,
         # The dashboard serves Ray's State API, which Train V2's placement-group cleaner polls every
@@ -52,8 +66,16 @@ def init_ray(num_cpus: int | None = None) -> None:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env=env,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
     )
+
+
+def worker_logs_dir() -> str:
+    """Where Ray keeps the workers' output (on each node, under the same path), once Ray is initialised."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return str(Path(context.get_temp_dir()) / context.get_session_name() / "logs")
 
 
 # Ray Train V2 knobs for short runs on one machine (set unless the user set them): the controller polls

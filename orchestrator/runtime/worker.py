@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,9 +28,17 @@ from orchestrator.modeling.models import (
     digit_token_ids,
     load_model_and_tokenizer,
 )
+from orchestrator.runtime.ray_setup import verbose
+from orchestrator.runtime.shipping import folder_on_this_node, model_on_this_node
 from orchestrator.stages.context import StageContext
 from orchestrator.stages.timing import Stopwatch
-from orchestrator.tracking.conventions import RESUMED_FROM_TAG, WORKER_MALLOC_TAG, WORKER_THREADS_TAG, stage_tag
+from orchestrator.tracking.conventions import (
+    RESUMED_FROM_TAG,
+    WORKER_MALLOC_TAG,
+    WORKER_NODE_TAG,
+    WORKER_THREADS_TAG,
+    stage_tag,
+)
 from orchestrator.tracking.logger import RunLogger
 
 STAGE_RUNNERS = {"sft": "orchestrator.stages.sft:run_sft_stage", "grpo": "orchestrator.stages.grpo:run_grpo_stage"}
@@ -74,6 +83,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from orchestrator.stages.evaluation import evaluate_model
 
     entered = time.time()
+    if not verbose():  # Ray Train's INFO lines (a report, a checkpoint) only with --verbose
+        logging.getLogger().setLevel(logging.WARNING)
     timings: dict[str, float] = {}  # run phases on rank 0's clock, logged as time/<phase>_s at the end
     watch = Stopwatch(timings)
     if loop_config.get("fit_started_at"):  # Ray Train's controller and worker-group start, process spawn, imports
@@ -145,15 +156,16 @@ class Worker:
             # One thread per worker: oversubscribed CPU threads make steps many times slower.
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         torch.manual_seed(cfg.seed + rank)
-        with watch("model_load"):
-            model, tokenizer = load_model_and_tokenizer(cfg.model, loop_config["model_source"])
+        with watch("model_load"):  # through storage, or prepared on this node: never a path of the driver's disk
+            model_source = model_on_this_node(loop_config["model"], cfg.model)
+            model, tokenizer = load_model_and_tokenizer(cfg.model, model_source)
             model.to(device)
-            dataset = load_built(loop_config["dataset_path"])
-            processor = image_processor_for(cfg, tokenizer, dataset, loop_config["model_source"])
+            dataset = load_built(folder_on_this_node(loop_config["dataset"]))
+            processor = image_processor_for(cfg, tokenizer, dataset, model_source)
         with watch("tracking"):
             logger = None
             if rank == 0:
-                logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool_dir"])
+                logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool"])
         return cls(cfg, rank, world, device, model, tokenizer, dataset, processor, logger, watch.timings)
 
     def stage_context(self, index: int, offset: int, model, checkpoint) -> StageContext:
@@ -165,8 +177,12 @@ class Worker:
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.logger is not None:
-            self.logger.log_metrics(metrics, step)
+        """Rank 0: the metrics to MLflow, and one progress line (`ray job logs` and the terminal show it)."""
+        if self.logger is None:
+            return
+        self.logger.log_metrics(metrics, step)
+        if "train/loss" in metrics:
+            print(progress_line(self.cfg, metrics, step), flush=True)
 
     def save_checkpoint(self, stage_index: int, engine, step: int, metrics: dict[str, float],
                         reference: ReferencePolicy | None = None) -> None:
@@ -188,7 +204,9 @@ class Worker:
             ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
 
     def tag_settings(self, restore: RestorePoint) -> None:
-        """Where the run resumed, and process settings that change speed, not results."""
+        """Where the run resumed and which node runs rank 0, and process settings that change speed, not
+        results."""
+        import ray
         import torch
 
         if self.logger is None:
@@ -197,6 +215,7 @@ class Worker:
             self.logger.set_tag(RESUMED_FROM_TAG, f"stage {restore.stage_index} step {restore.step}")
         self.logger.set_tag(WORKER_THREADS_TAG, str(torch.get_num_threads()))
         self.logger.set_tag(WORKER_MALLOC_TAG, os.environ.get("GLIBC_TUNABLES", "glibc default"))
+        self.logger.set_tag(WORKER_NODE_TAG, ray.get_runtime_context().get_node_id())
 
     def tag_gradient_average(self, stage_index: int, engine) -> None:
         """How this stage's gradients were averaged over the workers."""
@@ -215,6 +234,27 @@ class Worker:
         self.timings["worker_total"] = elapsed
         self.logger.log_metrics({f"time/{k}_s": v for k, v in self.timings.items()}, step)
         self.logger.close(self.cfg.tracking.flush_timeout_s)
+
+
+def progress_line(cfg: RunConfig, metrics: dict[str, float], step: int) -> str:
+    """`run NAME | stage 2/2 grpo:ccc | step 20/40 | loss 0.0123 | lr 1.0e-04 | 12.3 samples/s | ETA 0:01:05`:
+    one line per logging window; samples/s where the stage logs it, GRPO's mean reward, and the time left in
+    the stage at the window's pace."""
+    index = int(metrics.get("train/stage", 0))
+    stage = cfg.pipeline[index]
+    in_stage = step - sum(s.steps for s in cfg.pipeline[:index])
+    parts = [f"run {cfg.name}", f"stage {index + 1}/{len(cfg.pipeline)} {stage.label()}",
+             f"step {in_stage}/{stage.steps}", f"loss {metrics['train/loss']:.4g}"]
+    if "train/lr" in metrics:
+        parts.append(f"lr {metrics['train/lr']:.1e}")
+    if "train/reward/mean" in metrics:
+        parts.append(f"reward {metrics['train/reward/mean']:.3g}")
+    if "train/samples_per_s" in metrics:
+        parts.append(f"{metrics['train/samples_per_s']:.1f} samples/s")
+    if "time/step_s" in metrics:
+        left = round(metrics["time/step_s"] * (stage.steps - in_stage))
+        parts.append(f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+    return " | ".join(parts)
 
 
 def image_processor_for(cfg: RunConfig, tokenizer, dataset, model_source: str):

@@ -42,8 +42,8 @@ def _parent_tags(ablation: AblationConfig, base: dict[str, Any], fingerprint: st
     return tags
 
 
-def _reopen(client, existing, ablation: AblationConfig, experiment: str, resume: bool, fingerprint: str) -> str:
-    """The parent run of an earlier invocation, RUNNING again: only with --resume and the same base."""
+def _refuse_conflicts(existing, ablation: AblationConfig, experiment: str, resume: bool, fingerprint: str) -> None:
+    """An earlier invocation's parent run may be continued only with --resume and the same base."""
     if not resume:
         raise ConfigError(
             f"sweep {ablation.name!r} already has a parent run {existing.info.run_id} "
@@ -57,6 +57,20 @@ def _reopen(client, existing, ablation: AblationConfig, experiment: str, resume:
             f"(fingerprint {before} -> {fingerprint}); resuming would mix two bases in one table. "
             "Restore them, or give the ablation another name"
         )
+
+
+def check_parent(ablation: AblationConfig, uri: str, experiment: str, resume: bool, fingerprint: str) -> None:
+    """open_parent's refusals, made before the cluster starts and without writing to the store."""
+    client = tracking_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    existing = find_sweep_parent(client, [exp.experiment_id], ablation.name) if exp is not None else None
+    if existing is not None:
+        _refuse_conflicts(existing, ablation, experiment, resume, fingerprint)
+
+
+def _reopen(client, existing, ablation: AblationConfig, experiment: str, resume: bool, fingerprint: str) -> str:
+    """The parent run of an earlier invocation, RUNNING again: only with --resume and the same base."""
+    _refuse_conflicts(existing, ablation, experiment, resume, fingerprint)
     client.update_run(existing.info.run_id, status="RUNNING")
     return existing.info.run_id
 

@@ -17,6 +17,7 @@ from orchestrator.config import (
     resolve_path,
     resolve_storage,
 )
+from orchestrator.engine.storage import Storage
 from orchestrator.sweep.grid import (
     AblationConfig,
     GridCell,
@@ -29,7 +30,7 @@ from orchestrator.sweep.grid import (
     preflight,
 )
 from orchestrator.sweep.progress import SweepProgress, _tune_callback
-from orchestrator.sweep.resume import finished_cells, open_parent
+from orchestrator.sweep.resume import check_parent, finished_cells, open_parent
 from orchestrator.tracking.conventions import (
     CELL_TAG,
     FAILED_CELLS_TAG,
@@ -120,7 +121,7 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
         raise ConfigError(
             f"ablation {ablation.name!r}: every cell must log to one tracking store (tracking.tracking_uri)"
         )
-    storage_root = resolve_storage(str(Path(cells[0].cfg.storage_path) / ablation.name))
+    storage_root = Storage(resolve_storage(cells[0].cfg.storage_path)).uri(ablation.name)
     cells = _anchored(cells, experiment, uri, storage_root)
     preflight(cells)
     return SweepPlan(ablation, tree, cells, notes, experiment, uri)
@@ -145,7 +146,7 @@ def _tuner(plan: SweepPlan, todo: list[GridCell], parent: str, progress: SweepPr
         tune_config=tune.TuneConfig(max_concurrent_trials=_cells_at_once(todo, plan.ablation.max_concurrent)),
         run_config=tune.RunConfig(
             name=f"{plan.ablation.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=resolve_storage(str(Path(todo[0].cfg.storage_path) / "_tune")),
+            storage_path=Storage(todo[0].cfg.storage_path).uri("_tune"),
             callbacks=[_tune_callback(progress)],
             # A trial lost with its node is retried; it resumes its cell from the cell's checkpoint.
             failure_config=tune.FailureConfig(max_failures=plan.ablation.max_failures),
@@ -154,11 +155,21 @@ def _tuner(plan: SweepPlan, todo: list[GridCell], parent: str, progress: SweepPr
     )
 
 
+def start_cluster(plan: SweepPlan, out) -> None:
+    """Ray up, quiet: the workers' output goes to Ray's log files (all of it with --verbose), the console
+    shows the sweep's own view. What the cluster's nodes cannot reach is refused before any cell runs."""
+    from orchestrator.runtime.preflight import check_cluster, cluster_spans_nodes
+    from orchestrator.runtime.ray_setup import init_ray, verbose, worker_logs_dir
+
+    init_ray(worker_output=False)
+    for cell in plan.cells:
+        check_cluster(cell.cfg, plan.tracking_uri, cluster_spans_nodes(cell.cfg))
+    if not verbose():
+        print(f"workers' output: {worker_logs_dir()} on each node (--verbose prints it here)", file=out, flush=True)
+
+
 def _run_cells(plan: SweepPlan, todo: list[GridCell], parent: str, done_before: int, out) -> dict[str, str]:
     """Train the cells in `todo` as Tune trials; returns {failed cell: its error line}."""
-    from orchestrator.runtime.ray_setup import init_ray
-
-    init_ray()
     names = {i: c.name for i, c in enumerate(todo)}
     progress = SweepProgress(names, plan.tracking_uri, plan.experiment, done_before, len(plan.cells), out=out)
     failed: dict[str, str] = {}
@@ -198,8 +209,11 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: b
     plan = plan_sweep(path, overrides)
     ablation, uri = plan.ablation, plan.tracking_uri
     print(format_cells(ablation, plan.cells, plan.notes), file=out, flush=True)
+    fingerprint = base_fingerprint(path, ablation, overrides)
+    check_parent(ablation, uri, plan.experiment, resume, fingerprint)
+    start_cluster(plan, out)
     parent = open_parent(ablation, Path(path).read_text(), plan.cells, base_values(ablation, plan.base_tree), uri,
-                         plan.experiment, resume, base_fingerprint(path, ablation, overrides))
+                         plan.experiment, resume, fingerprint)
     done = finished_cells(plan.cells, uri, plan.experiment) if resume else set()
     todo = [c for c in plan.cells if c.name not in done]
     if done:

@@ -24,6 +24,7 @@ RESUMED_TAG = "orchestrator.resumed"
 RESUMED_FROM_TAG = "orchestrator.resumed_from"
 WORKER_THREADS_TAG = "orchestrator.worker_threads"
 WORKER_MALLOC_TAG = "orchestrator.worker_malloc"
+WORKER_NODE_TAG = "orchestrator.worker_node"  # the Ray node id where rank 0 last started
 
 # ---- tags of a sweep: its parent run carries the role, axes, baseline and base; each cell run its cell name
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.engine.storage import Storage
 from orchestrator.tracking.conventions import tracking_client
 
 
@@ -31,19 +32,20 @@ class RunLogger:
 
     Metrics, tags and artifacts are queued and sent by a background thread, so training never waits
     on MLflow. While the store is unreachable the thread retries with backoff and mirrors the queue to
-    a local spool file (`spool_dir`/unsent_mlflow.jsonl, artifacts copied beside it); a restarted
-    worker picks that file up again. `close()` sends what is left within `flush_timeout_s`, or raises
+    a spool file, `spool`/unsent_mlflow.jsonl, where `spool` is a folder of the run's storage (local or
+    s3://), so a worker restarted on any node picks it up again; artifacts are copied aside on this node.
+    `close()` sends what is left within `flush_timeout_s`, or raises
     TrackingUnavailable naming the spool file, which `orchestrator resend FILE` delivers later.
     Non-finite metric values are skipped (MLflow rejects some)."""
 
-    def __init__(self, uri: str, run_id: str, spool_dir: str | Path | None = None, *,
+    def __init__(self, uri: str, run_id: str, spool: str | Path | None = None, *,
                  retry_s: float = 1.0, max_retry_s: float = 15.0):
         import threading
 
         _quick_failing_http()
         self.uri, self.run_id = uri, run_id
         self.client = tracking_client(uri)
-        self.spool_dir = Path(spool_dir) if spool_dir else None
+        self.spool = Storage(str(spool)) if spool else None
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self._pending: list[dict[str, Any]] = self._load_spool()
         self._lock = threading.Condition()
@@ -72,7 +74,9 @@ class RunLogger:
         import shutil
         import tempfile
 
-        keep = Path(self.spool_dir or tempfile.mkdtemp(prefix="mlflow-artifacts-")) / "unsent_artifacts"
+        beside_spool = self.spool is not None and self.spool.is_local
+        folder = self.spool.path() if beside_spool else tempfile.mkdtemp(prefix="mlflow-artifacts-")
+        keep = Path(folder) / "unsent_artifacts"
         keep = keep / (artifact_path or "") / f"{time.time_ns()}"
         keep.mkdir(parents=True, exist_ok=True)
         local = shutil.copy2(path, keep / Path(path).name)
@@ -144,26 +148,23 @@ class RunLogger:
 
     # ---- the spool file
 
-    def spool_path(self) -> Path | None:
-        return self.spool_dir / SPOOL_NAME if self.spool_dir else None
+    def spool_path(self) -> str | None:
+        return self.spool.uri(SPOOL_NAME) if self.spool else None
 
     def _persist(self, entries: list[dict[str, Any]]) -> None:
-        path = self.spool_path()
-        if path is None:
+        if self.spool is None:
             return
         if not entries:
-            path.unlink(missing_ok=True)
+            self.spool.delete(SPOOL_NAME)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"uri": self.uri, "run_id": self.run_id, **e}) + "\n" for e in entries))
-        os.replace(tmp, path)  # a crash mid-write leaves the previous spool, never half a file
+        # Replaced whole: a crash mid-write leaves the previous spool, never half a file.
+        lines = "".join(json.dumps({"uri": self.uri, "run_id": self.run_id, **e}) + "\n" for e in entries)
+        self.spool.write_text(lines, SPOOL_NAME)
 
     def _load_spool(self) -> list[dict[str, Any]]:
-        path = self.spool_path()
-        if path is None or not path.is_file():
+        if self.spool is None or not self.spool.exists(SPOOL_NAME):
             return []
-        entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        entries = [json.loads(line) for line in self.spool.read_text(SPOOL_NAME).splitlines() if line.strip()]
         mine = [e for e in entries if e.get("run_id") == self.run_id]
         return [{k: v for k, v in e.items() if k not in ("uri", "run_id")} for e in mine]
 
@@ -183,15 +184,17 @@ def send_entries(client, run_id: str, entries: list[dict[str, Any]]) -> None:
 
 
 def resend_spool(path: str | Path, tracking_uri: str | None = None) -> int:
-    """Deliver a spool file left by a run whose tracking store was unreachable; returns entries sent."""
-    path = Path(path)
-    if not path.is_file():
+    """Deliver a spool file (a local path or a storage URI) left by a run whose tracking store was
+    unreachable; returns entries sent."""
+    folder, _, name = str(path).rstrip("/").rpartition("/")
+    spool = Storage(folder or ".")
+    if not spool.exists(name) or spool.is_dir(name):
         raise FileNotFoundError(f"no spool file at {path}")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in spool.read_text(name).splitlines() if line.strip()]
     by_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for e in entries:
         by_run.setdefault((tracking_uri or e["uri"], e["run_id"]), []).append(e)
     for (uri, run_id), items in by_run.items():
         send_entries(tracking_client(uri), run_id, items)
-    path.unlink()
+    spool.delete(name)
     return len(entries)
