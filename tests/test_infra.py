@@ -139,9 +139,177 @@ def test_mlflow_server_takes_a_database_and_refuses_a_password_in_the_uri(tmp_pa
     assert "PGPASSWORD" in mlflow_script(env, "--print-command", status=2).stderr
 
 
+def mlflow_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """The caller's environment without MLflow settings, temp files and the project home in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, "ORCHESTRATOR_HOME": str(tmp_path), "TMPDIR": str(tmp_path), **values}
+
+
+def option(args: list[str], name: str) -> str:
+    assert args.count(name) == 1, (name, args)
+    return args[args.index(name) + 1]
+
+
+def test_mlflow_server_answers_the_host_names_it_is_reached_by(tmp_path):
+    """MLflow 3 answers 403 to a Host header it does not know; the script always names the allowed ones."""
+    loopback = shlex.split(mlflow_script(mlflow_env(tmp_path), "--print-command").stdout)
+    assert set(option(loopback, "--allowed-hosts").split(",")) >= {"127.0.0.1:5000", "localhost:5000"}
+    private = shlex.split(mlflow_script(mlflow_env(tmp_path), "--print-command", "--host", "10.0.0.10",
+                                        "--port", "5001").stdout)
+    assert option(private, "--allowed-hosts").split(",") == ["10.0.0.10:5001", "10.0.0.10"]
+    assert option(private, "--cors-allowed-origins").split(",") == ["http://10.0.0.10:5001", "http://10.0.0.10"]
+    # The names a Kubernetes Service gives: from MLflow's own variable, or the option (which wins).
+    svc = "mlflow.mlflow.svc:5000,mlflow.mlflow.svc.cluster.local:5000"
+    env = mlflow_env(tmp_path, MLFLOW_SERVER_ALLOWED_HOSTS=svc)
+    from_env = shlex.split(mlflow_script(env, "--print-command", "--host", "10.0.0.10").stdout)
+    assert option(from_env, "--allowed-hosts") == svc
+    assert option(from_env, "--cors-allowed-origins") == "http://mlflow.mlflow.svc:5000,http://mlflow.mlflow.svc.cluster.local:5000"
+    from_option = shlex.split(mlflow_script(env, "--print-command", "--allowed-hosts", "mlflow.internal:5000").stdout)
+    assert option(from_option, "--allowed-hosts") == "mlflow.internal:5000"
+    env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"] = "https://mlflow.example.org"
+    behind_proxy = shlex.split(mlflow_script(env, "--print-command").stdout)
+    assert option(behind_proxy, "--cors-allowed-origins") == "https://mlflow.example.org"
+    # Given after `--` it would silently part from the CORS origins: refused with the way to say it.
+    refused = mlflow_script(mlflow_env(tmp_path), "--print-command", "--", "--allowed-hosts", "x:1", status=2)
+    assert "before --" in refused.stderr
+    for args in (loopback, private, from_env):
+        assert "--serve-artifacts" in args and "--artifacts-destination" in args
+
+
+def auth_command(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[dict[str, str], list[str]]:
+    """(the printed environment assignments, the printed command) of a --print-command run."""
+    words = shlex.split(mlflow_script(env, "--print-command", *args).stdout)
+    assignments = dict(w.split("=", 1) for w in words[: words.index("mlflow")])
+    return assignments, words[words.index("mlflow") :]
+
+
+def read_auth_config_as_mlflow_does(path: str, env: dict[str, str], monkeypatch):
+    """MLflow's own reader of the auth config (loaded from its file: the package's __init__ needs Flask-WTF)."""
+    import importlib.util
+
+    import mlflow
+
+    source = Path(mlflow.__file__).parent / "server" / "auth" / "config.py"
+    spec = importlib.util.spec_from_file_location("mlflow_auth_config_under_test", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+        if name in env:
+            monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", path)
+    return module.read_auth_config()
+
+
+def test_mlflow_basic_auth_is_configured_from_the_environment(tmp_path, monkeypatch):
+    password = "correct-horse-battery-staple"
+    env = mlflow_env(tmp_path, MLFLOW_AUTH_ADMIN_PASSWORD=password)
+    for args in (["--basic-auth"], ["--", "--app-name", "basic-auth"], ["--", "--app-name=basic-auth"]):
+        assignments, command = auth_command(tmp_path, env, *args)
+        assert command.count("--app-name") == 1 and option(command, "--app-name") == "basic-auth", args
+        config = Path(assignments["MLFLOW_AUTH_CONFIG_PATH"])
+        assert config.parent.parent == tmp_path  # a fresh private folder under TMPDIR
+        assert oct(config.stat().st_mode)[-3:] == "600" and oct(config.parent.stat().st_mode)[-3:] == "700"
+        text = config.read_text()
+        assert password not in text and password not in " ".join(command)
+        auth = read_auth_config_as_mlflow_does(str(config), env, monkeypatch)
+        assert auth.database_uri == f"sqlite:///{tmp_path}/mlruns/basic_auth.db"  # beside the runs' SQLite store
+        assert (auth.admin_username, auth.admin_password, auth.default_permission) == ("admin", password, "READ")
+
+    # A database server: the users' database is named explicitly, its password never in the URI.
+    server = {**env, "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow@db.internal:5432/mlflow"}
+    assert "MLFLOW_AUTH_DATABASE_URI" in mlflow_script(server, "--print-command", "--basic-auth", status=2).stderr
+    server |= {"MLFLOW_AUTH_DATABASE_URI": "postgresql://mlflow@db.internal:5432/mlflow_auth",
+               "MLFLOW_AUTH_ADMIN_USERNAME": "root", "MLFLOW_AUTH_DEFAULT_PERMISSION": "NO_PERMISSIONS"}
+    assignments, command = auth_command(tmp_path, server, "--basic-auth")
+    auth = read_auth_config_as_mlflow_does(assignments["MLFLOW_AUTH_CONFIG_PATH"], server, monkeypatch)
+    assert auth.database_uri == "postgresql://mlflow@db.internal:5432/mlflow_auth"
+    assert (auth.admin_username, auth.admin_password, auth.default_permission) == ("root", password, "NO_PERMISSIONS")
+    server["MLFLOW_AUTH_DATABASE_URI"] = "postgresql://mlflow:hunter2@db.internal:5432/mlflow_auth"
+    assert "PGPASSWORD" in mlflow_script(server, "--print-command", "--basic-auth", status=2).stderr
+
+    # A config file of the user's own is used as it is.
+    own = tmp_path / "own.ini"
+    own.write_text("[mlflow]\n")
+    assignments, _ = auth_command(tmp_path, {**env, "MLFLOW_AUTH_CONFIG_PATH": str(own)}, "--basic-auth")
+    assert assignments == {"MLFLOW_AUTH_CONFIG_PATH": str(own)}
+    # Without basic auth nothing is generated.
+    before = set(tmp_path.iterdir())
+    assert shlex.split(mlflow_script(env, "--print-command").stdout)[:2] == ["mlflow", "server"]
+    assert set(tmp_path.iterdir()) == before
+
+
+FAKE_MLFLOW = """#!/usr/bin/env bash
+# Records what `mlflow server` would get, then serves until SIGTERM when FAKE_MLFLOW_SERVE is set.
+printf '%s\\n' "$@" > "$RECORD/argv"
+env > "$RECORD/env"
+cp "$MLFLOW_AUTH_CONFIG_PATH" "$RECORD/auth.ini" && stat -c %a "$MLFLOW_AUTH_CONFIG_PATH" > "$RECORD/mode"
+if [[ -n "${FAKE_MLFLOW_SERVE:-}" ]]; then
+  trap 'echo stopped > "$RECORD/stopped"; exit 0' TERM
+  touch "$RECORD/serving"
+  while true; do sleep 0.1; done
+fi
+"""
+FAKE_PYTHON = """#!/usr/bin/env bash
+# `python -c "import X"` finds every driver; the secret key comes from the real interpreter.
+case "$2" in import\\ secrets*) exec "$REAL_PYTHON" "$@" ;; *) exit 0 ;; esac
+"""
+
+
+def fake_server_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, text in (("mlflow", FAKE_MLFLOW), ("python", FAKE_PYTHON)):
+        (venv / "bin" / name).write_text(text)
+        (venv / "bin" / name).chmod(0o755)
+    return venv
+
+
+def test_mlflow_basic_auth_server_keeps_secrets_out_of_argv_and_removes_its_config(tmp_path):
+    """The script as a user runs it, with a stand-in `mlflow`: the auth config exists (mode 600) while the
+    server runs and is gone when it stops, also when the script is stopped with SIGTERM."""
+    password = "correct-horse-battery-staple"
+    record = tmp_path / "record"
+    record.mkdir()
+    env = mlflow_env(tmp_path, MLFLOW_AUTH_ADMIN_PASSWORD=password, VIRTUAL_ENV=str(fake_server_venv(tmp_path)),
+                     RECORD=str(record), REAL_PYTHON=sys.executable)
+    mlflow_script(env, "--basic-auth")
+    argv = (record / "argv").read_text().splitlines()
+    assert argv[0] == "server" and option(argv, "--app-name") == "basic-auth"
+    served_env = dict(line.split("=", 1) for line in (record / "env").read_text().splitlines() if "=" in line)
+    assert served_env["MLFLOW_AUTH_ADMIN_PASSWORD"] == password and password not in " ".join(argv)
+    assert re.fullmatch(r"[0-9a-f]{64}", served_env["MLFLOW_FLASK_SERVER_SECRET_KEY"])  # generated, env only
+    assert (record / "mode").read_text().strip() == "600"
+    assert password not in (record / "auth.ini").read_text()
+    assert not Path(served_env["MLFLOW_AUTH_CONFIG_PATH"]).exists()
+
+    for item in record.iterdir():
+        item.unlink()
+    serving = subprocess.Popen(
+        [str(INFRA / "mlflow/start-server.sh"), "--basic-auth"], env={**env, "FAKE_MLFLOW_SERVE": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (record / "serving").exists():
+            assert serving.poll() is None and time.monotonic() < deadline, serving.communicate()
+            time.sleep(0.1)
+        config = Path(dict(line.split("=", 1) for line in (record / "env").read_text().splitlines() if "=" in line)
+                      ["MLFLOW_AUTH_CONFIG_PATH"])
+        assert config.is_file()
+        serving.terminate()
+        assert serving.wait(timeout=30) == 0
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+    assert (record / "stopped").read_text().strip() == "stopped"  # SIGTERM reached the server
+    assert not config.exists() and not config.parent.exists()
+
+
 def test_postgres_init_takes_the_password_from_a_variable():
     text = infra_text("mlflow/postgres-init.sql")
     assert "PASSWORD :'mlflow_password'" in text
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow;" in text  # the users of --basic-auth
     assert not re.search(r"PASSWORD\s+'", text)
 
 
