@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BEGIN = "<!-- reliability:begin (generated from the tests; see tests/test_bad_input.py) -->"
 END = "<!-- reliability:end -->"
-FAULT_FILES = ("tests/test_e2e_faults.py", "tests/test_tracking.py")
+FAULT_FILES = ("tests/test_e2e_faults.py", "tests/test_e2e_cluster.py", "tests/test_tracking.py")
 
 
 def _summary(doc: str | None) -> str:
