@@ -13,10 +13,12 @@ import torch
 from orchestrator.data.collate import chat_prompt_ids, collate_prompts
 from orchestrator.engine.collectives import all_gather_objects
 from orchestrator.engine.deepspeed import full_parameters
-from orchestrator.methods.answers import format_answer
+from orchestrator.methods.answers import format_answer, resolve_parse_failures
 from orchestrator.methods.metrics import dir_metrics, evaluate_texts
 from orchestrator.modeling.generation import decode_completions, generate
 from orchestrator.stages.context import StageContext
+
+PREDICTIONS_LABEL_STEP = b"orchestrator.label_step"  # key of the label step in a predictions table's metadata
 
 
 def eval_rows(n: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -92,7 +94,8 @@ def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float]
                 values = predict_split(ctx, model, head, table)
                 if ctx.rank == 0:
                     metrics.update(head_metrics(ctx, split, values, table, train_targets))
-                    predictions[split] = prediction_table(table, [format_answer(v, decimals=4) for v in values], values)
+                    answers = [format_answer(v, decimals=4) for v in values]
+                    predictions[split] = prediction_table(table, answers, values, values, ds.label_step)
                 continue
             texts = generate_split(ctx, model, table)
             if ctx.rank != 0:
@@ -111,7 +114,12 @@ def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float]
                 seed=ctx.cfg.seed,
             )
             metrics.update({f"{split}/{k}": v for k, v in split_metrics.items()})
-            predictions[split] = prediction_table(table, texts, parsed)
+            # The values the metrics scored (the parse-failure policy applied, NaN where it excluded one): the
+            # tables' bootstrap recomputes the metrics from these.
+            scored, kept = resolve_parse_failures(parsed, targets, ctx.cfg.eval.parse_failure, ds.label_min,
+                                                  ds.label_max, ctx.cfg.seed)
+            scored[~kept] = np.nan
+            predictions[split] = prediction_table(table, texts, parsed, scored.tolist(), ds.label_step)
     return metrics, predictions
 
 
@@ -125,13 +133,15 @@ def head_metrics(ctx: StageContext, split: str, values: list[float], table: pa.T
     return {f"{split}/{k}": v for k, v in out.items()}
 
 
-def prediction_table(table: pa.Table, texts: list[str], values: list) -> pa.Table:
-    return pa.table(
-        {
-            "id": table.column("id"),
-            "target": table.column("target"),
-            "region": table.column("region"),
-            "completion": pa.array(texts, pa.string()),
-            "prediction": pa.array(values, pa.float64()),
-        }
-    )
+def prediction_table(table: pa.Table, texts: list[str], values: list, scored: list, label_step: float) -> pa.Table:
+    """Per evaluated item: the completion, the parsed number (`prediction`, null on a parse failure) and the
+    value the metrics scored (`scored`); the label step (GM's error floor) in the schema's metadata."""
+    columns = {
+        "id": table.column("id"),
+        "target": table.column("target"),
+        "region": table.column("region"),
+        "completion": pa.array(texts, pa.string()),
+        "prediction": pa.array(values, pa.float64()),
+        "scored": pa.array(scored, pa.float64()),
+    }
+    return pa.table(columns).replace_schema_metadata({PREDICTIONS_LABEL_STEP: repr(float(label_step))})
