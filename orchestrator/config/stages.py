@@ -34,8 +34,9 @@ class StageBase(StrictSection):
         0, ge=0, description="Optimizer steps of linear warm-up to lr (0: start at lr)."
     )
     lr_schedule: Literal[LR_SCHEDULES.names()] = Field(
-        "linear", description="After warm-up: decay to 0 at the stage's last step (linear, as TRL's default, or "
-        "cosine), or hold the peak (constant)."
+        "linear", description="After warm-up: decay from the peak (at the first step after warm-up) toward 0, "
+        "linear (as TRL's default) or cosine, the last step still at a small positive lr; or hold the peak "
+        "(constant)."
     )
     steps: int = Field(
         100, ge=0, description="Steps in this stage: optimizer steps for SFT; rollout batches for GRPO, each "

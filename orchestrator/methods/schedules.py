@@ -1,7 +1,10 @@
 """Learning-rate schedules (pure): a linear warm-up, then a registered decay.
 
-Each schedule maps the progress through the decay phase (0 < p <= 1, reaching 1 at the stage's last
-step) to a multiplier of the peak learning rate."""
+Each schedule maps the progress through the decay phase, p = (step − warmup) / (total − warmup) for the
+0-based optimizer step, to a multiplier of the peak learning rate: the first step after warm-up runs at the
+peak (p = 0) and the last at a small positive lr (p = 1 − 1 / (total − warmup)), as the decay of
+transformers' `get_linear_schedule_with_warmup`; p = 1 (a factor of 0 for linear and cosine) only past the
+stage's end."""
 
 from __future__ import annotations
 
@@ -29,11 +32,11 @@ def constant(progress: float) -> float:
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up over
-    `warmup` steps, then the schedule's decay, which reaches its end after step `total`."""
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of a stage of `total` steps:
+    linear warm-up over `warmup` steps ((step + 1) / warmup), then the schedule's decay from the peak."""
     decay = LR_SCHEDULES[schedule]
     if warmup and step < warmup:
         return (step + 1) / warmup
     if total <= warmup:
         return 1.0
-    return decay(min(1.0, (step - warmup + 1) / (total - warmup)))
+    return decay(min(1.0, (step - warmup) / (total - warmup)))
