@@ -75,6 +75,29 @@ def test_engine_steps_are_textbook_adamw(zero):
     assert torch.allclose(logits_of(engine), logits_of(plain), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind, updates, optimizer_steps", [
+    ("grpo", {"num_iterations": 2, "grad_accum": 2}, 6),  # 3 rollouts x 2 updates, each of 2 chunks
+    ("sft", {"grad_accum": 2}, 3),  # 3 steps, each of 2 micro-batches
+])
+def test_the_lr_schedule_spans_the_optimizer_steps_the_stage_takes(kind, updates, optimizer_steps):
+    """The stage calls engine.step() once per chunk (micro-batch), DeepSpeed steps the optimizer and the
+    schedule at each accumulation boundary: a linear decay without warm-up over the stage's 6 (GRPO) or 3 (SFT)
+    optimizer steps runs at lr · (1 − k / n) for k = 0..n−1, never at 0."""
+    cfg = cfg_for(0)
+    stage = next(s for s in cfg.pipeline if s.kind == kind).model_copy(
+        update={"steps": 3, "warmup_steps": 0, "lr_schedule": "linear", "lr": 1.0, **updates}
+    )
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    engine = build_engine(model, stage, cfg)
+    lrs = []
+    for _ in range(optimizer_steps):
+        lrs.append(engine.get_lr()[0])
+        for _ in range(stage.grad_accum):
+            train_one_step(engine)
+    assert lrs == pytest.approx([1 - k / optimizer_steps for k in range(optimizer_steps)])
+    assert engine.get_lr()[0] == 0.0  # past the stage's last step
+
+
 def module_with_grads(*grads: list[float]) -> torch.nn.Module:
     module = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(len(g))) for g in grads])
     for p, g in zip(module, grads):

@@ -51,6 +51,10 @@ class StageBase(StrictSection):
         1.0, ge=0, description="Clip the 2-norm of all gradients to this before each update; 0 does not clip."
     )
 
+    def optimizer_steps(self) -> int:
+        """Optimizer (and lr-schedule) steps the stage takes: one per step; its micro-batches accumulate."""
+        return self.steps
+
 
 # The registered objectives' names, in registration order.
 SFT_LOSSES = SFT_OBJECTIVES.names()
@@ -155,6 +159,11 @@ class GRPOSettings(StageBase):
         "2025); seq_mean: each completion's token mean, averaged over completions (GRPO's 1/|o| "
         "normalisation, Shao et al. 2024, whose length bias Liu et al. 2025 (Dr.GRPO) point out).",
     )
+
+    def optimizer_steps(self) -> int:
+        """Each rollout batch makes num_iterations updates, each one optimizer step over its grad_accum chunks."""
+        return self.steps * self.num_iterations
+
     @field_validator("scale_rewards", mode="before")
     @classmethod
     def _scaling_from_bool(cls, value: Any) -> Any:

@@ -50,8 +50,10 @@ def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):
     # fused: torch's one-kernel AdamW (CPU and GPU), the same update as the per-tensor loop at a fraction
     # of its time.
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay, fused=True)
+    # DeepSpeed steps the schedule once per optimizer step (at each accumulation boundary).
+    total = stage.optimizer_steps()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, stage.warmup_steps, stage.steps, stage.lr_schedule)
+        optimizer, lambda s: lr_factor(s, stage.warmup_steps, total, stage.lr_schedule)
     )
     config = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)
     fp32_zero0 = config["zero_optimization"]["stage"] == 0 and not config["bf16"]["enabled"]
