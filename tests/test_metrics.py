@@ -18,6 +18,14 @@ from orchestrator.methods.metrics import dir_metrics, evaluate_texts
         ("<answer>-3.5 or 4</answer>", -3.5),  # the first number inside it
         ("<answer>1e3</answer>", 1000.0),
         ("<answer>rating: 63</answer>", 63.0),
+        ("<answer>1,234</answer>", 1234.0),  # thousands separators: groups of three digits
+        ("<answer>$12,345,678.50</answer>", 12345678.5),
+        ("<answer>-1,000</answer>", -1000.0),
+        ("<answer>1,23</answer>", 1.0),  # not a thousands group: the first number, 1
+        ("<answer>1,2345</answer>", 1.0),
+        ("<answer>1,234,56</answer>", 1.0),  # a malformed group anywhere: no grouping at all
+        ("<answer>12, 34</answer>", 12.0),  # a list: the first number
+        ("<answer>1234,567</answer>", 1234.0),  # a group needs 1-3 leading digits
         ("", None),
         ("no tags 42", None),
         ("<answer></answer>", None),

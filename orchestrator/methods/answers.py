@@ -8,7 +8,10 @@ import re
 import numpy as np
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+# A number: digits with optional thousands separators (1,234,567: comma groups of exactly three digits, not
+# followed by another digit or comma-digit, so "1,23" and "1,2345" are not grouped and read as 1, the first
+# number, as METHODS §1 takes it), a decimal part, an exponent.
+NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?!,?\d)(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 PARSE_POLICIES = ("penalty", "exclude", "random")
 
 
@@ -27,8 +30,8 @@ def _last_block(text: str) -> str | None:
 
 
 def parse_answer(text) -> float | None:
-    """The first number inside the LAST complete `<answer>...</answer>` block; None for anything else
-    (no block, no number, a non-finite value, a non-string input)."""
+    """The first number inside the LAST complete `<answer>...</answer>` block, thousands separators read
+    (`1,234` is 1234); None for anything else (no block, no number, a non-finite value, a non-string input)."""
     if not isinstance(text, str):
         return None
     block = _last_block(text)
@@ -38,7 +41,7 @@ def parse_answer(text) -> float | None:
     if match is None:
         return None
     try:
-        value = float(match.group())
+        value = float(match.group().replace(",", ""))
     except (ValueError, OverflowError):  # the grammar should prevent this; malformed text must not crash
         return None
     return value if math.isfinite(value) else None  # a 400-digit number overflows to inf
