@@ -23,7 +23,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.reporting.layout import MISSING, TableCell
-from orchestrator.reporting.render import format_cell, render_latex, render_markdown, tex_escape
+from orchestrator.reporting.render import format_cell, render_csv, render_latex, render_markdown, tex_escape
 from orchestrator.reporting.tables import TablesError, build_tables, write_tables
 
 CE, CHAIN = "sft:ce", "sft:ce -> grpo:ccc"
@@ -252,10 +252,11 @@ def test_axis_table_rows_and_partial_cells(sweep_files):
     assert c.values == (800.0,) and c.std is None
     rows = md_rows((sweep_files.paths[0].parent / "axis-pipeline.1.group_size.md").read_text())
     col = {h: i for i, h in enumerate(rows["pipeline.1.group_size"])}
-    assert rows["8"][col["movies MAE All"]] == "**5.30 ± 0.14 (n=2/3)**"
+    assert rows["8"][col["movies MAE All"]] == "5.30 ± 0.14 (n=2/3)"  # partial: never bold
     assert rows["8"][col["diamonds MAE All"]] == "800.00 (n=1/3)"
     assert rows["4"][col["diamonds MAE All"]] == MISSING
-    assert rows["Δ 8"][col["movies MAE All"]] == "-0.40"  # 5.3 - 5.7
+    # over the seeds both have (METHODS §6): seeds 1, 2 -> ((5.2 - 5.0) + (5.4 - 5.5)) / 2
+    assert rows["Δ 8"][col["movies MAE All"]] == "+0.05"
     assert rows["Δ 8"][col["diamonds MAE All"]] == MISSING
 
 
@@ -460,3 +461,67 @@ def test_cli_missing_store_exit_2(tmp_path, capsys):
     assert main(["tables", "x", "--tracking-uri", uri, "--out", str(tmp_path / "o")]) == 2
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "absent.db").exists()
+
+
+# --------------------------------------------------------------------------- intervals and collapse marks
+
+
+def synthetic_runs(errors_by_run: dict[tuple[str, str], np.ndarray], regions: list[str], targets: np.ndarray):
+    """Runs in the search_runs layout whose metrics are computed from the given per-item errors (prediction =
+    target + error), and their predictions tables; label step 1 (GM floor 0.5)."""
+    rows, predictions = [], {}
+    for i, ((pipeline, seed), errors) in enumerate(errors_by_run.items()):
+        run_id = f"run{i}"
+        scored = targets + errors
+        row = {"run_id": run_id, "status": "FINISHED", "start_time": i, "params.pipeline": pipeline,
+               "params.data.name": "movies", "params.seed": seed}
+        for region in ("all", "many", "medium", "few"):
+            sel = np.ones(len(errors), bool) if region == "all" else np.array(regions) == region
+            e = np.abs(errors[sel])
+            row[f"metrics.test/{region}/mae"] = e.mean() if sel.any() else np.nan
+            row[f"metrics.test/{region}/gm"] = np.exp(np.log(np.maximum(e, 0.5)).mean()) if sel.any() else np.nan
+        rows.append(row)
+        frame = pd.DataFrame({"id": [str(j) for j in range(len(targets))], "target": targets, "region": regions,
+                              "scored": scored})
+        frame.attrs["label_step"] = 1.0
+        predictions[run_id] = frame
+    return pd.DataFrame(rows), predictions
+
+
+def test_delta_rows_carry_paired_bootstrap_intervals_and_collapsed_cells_are_marked():
+    rng = np.random.default_rng(0)
+    n = 60
+    targets = rng.uniform(10, 90, n).round()
+    regions = ["many"] * 30 + ["medium"] * 20 + ["few"] * 10
+    base = {s: rng.normal(0, 5, n) for s in ("1", "2")}
+    runs, predictions = synthetic_runs({
+        ("sft:ce", "1"): base["1"], ("sft:ce", "2"): base["2"],
+        # every item exactly 3 further from its target than the baseline: Δ MAE = +3 in every resample
+        ("sft:softlabel", "1"): np.abs(base["1"]) + 3, ("sft:softlabel", "2"): np.abs(base["2"]) + 3,
+        # seed 2 answers one number whatever the input: collapsed
+        ("sft:dist2", "1"): -base["1"], ("sft:dist2", "2"): 50.0 - targets,
+    }, regions, targets)
+    paper = build_tables(runs, axes=["pipeline", "seed"], predictions=predictions)[0]
+    soft = next(d for d in paper.deltas if d.label == "Δ sft:softlabel")
+    j = [c.key for c in paper.columns].index("movies/mae/all")
+    assert soft.values[j] == pytest.approx(3.0)
+    assert soft.intervals[j].low == pytest.approx(3.0) and soft.intervals[j].high == pytest.approx(3.0)
+    assert soft.intervals[j].resolved
+    # |−e| = |e| item by item: the same MAE as the baseline on seed 1; seed 2's collapse decides the rest
+    assert paper.cell("sft:dist2", "movies/mae/all").collapsed == 1
+    assert paper.cell("sft:ce", "movies/mae/all").collapsed == 0
+    md = render_markdown(paper)
+    rows = md_rows(md)
+    col = {h: i for i, h in enumerate(rows["pipeline"])}
+    assert rows["Δ sft:softlabel"][col["movies MAE All"]] == "+3.00\\* [+3.00, +3.00]"
+    assert rows["sft:dist2"][col["movies MAE All"]].endswith("† 1/2")
+    assert "95% interval of a Δ" in md and "† k/n" in md
+    lines = {r["label"]: r for r in csv.DictReader(io.StringIO(render_csv(paper)))}
+    assert lines["Δ sft:softlabel"]["movies/mae/all/resolved"] == "1"
+    assert float(lines["Δ sft:softlabel"]["movies/mae/all/ci_low"]) == pytest.approx(3.0)
+    assert lines["sft:dist2"]["movies/mae/all/collapsed"] == "1"
+    assert "\\scriptsize" in render_latex(paper) and "$^\\dagger$" in render_latex(paper)
+    # without predictions: the same Δ values, no intervals, no marks
+    plain = build_tables(runs, axes=["pipeline", "seed"])[0]
+    assert [d.values for d in plain.deltas] == [d.values for d in paper.deltas]
+    assert all(i is None for d in plain.deltas for i in d.intervals)

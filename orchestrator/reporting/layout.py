@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from orchestrator.reporting.uncertainty import Delta
+
 SPLITS = ("test", "val")
 METRICS = ("mae", "gm")
 REGIONS = ("all", "many", "medium", "few")
@@ -16,6 +18,7 @@ PIPELINE, DATASET, SEED = "pipeline", "data.name", "seed"
 
 DEFAULT_BASELINE = "sft:ce"
 MISSING = "—"
+COLLAPSED_MARK = "†"  # a cell some of whose runs collapsed to (nearly) one answer
 
 
 class TablesError(ValueError):
@@ -39,10 +42,17 @@ class Column:
 
 @dataclass(frozen=True)
 class TableCell:
-    """One cell: the metric of every seed that finished (in seed order), and how many seeds the grid has."""
+    """One cell: the metric of every seed that finished (in seed order), and how many seeds the grid has;
+    which seeds and runs those are, and how many of the runs collapsed (uncertainty.collapsed)."""
 
     values: tuple[float, ...]
     expected: int
+    seeds: tuple[str, ...] = ()
+    run_ids: tuple[str, ...] = ()
+    collapsed: int = 0
+
+    def by_seed(self) -> dict[str, float]:
+        return dict(zip(self.seeds, self.values))
 
     @property
     def n(self) -> int:
@@ -73,7 +83,11 @@ class DeltaRow:
     label: str
     keys: tuple[tuple[str, str], ...]
     reference: str  # label of the row it is compared against
-    values: tuple[float | None, ...]  # mean(row) - mean(reference) per column; None if either is missing
+    # per column: the mean over the seeds both rows have of row − reference; None if they share none, or
+    # when the reference cell is partial (a partial cell is never a baseline)
+    values: tuple[float | None, ...]
+    # per column: the 95% paired-bootstrap interval (uncertainty.Delta), None where there are no predictions
+    intervals: tuple[Delta | None, ...] = ()
 
 
 @dataclass
@@ -88,8 +102,10 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def best(self, j: int) -> set[int]:
-        """Rows with the lowest mean in column j (ties all bold); none when fewer than two rows have one."""
-        means = [(i, r.cells[j].mean) for i, r in enumerate(self.rows) if r.cells[j].mean is not None]
+        """Rows with the lowest mean in column j (ties all bold); none when fewer than two rows have one.
+        A partial cell (seeds missing) is never bold: its mean is not comparable with the others'."""
+        means = [(i, r.cells[j].mean) for i, r in enumerate(self.rows)
+                 if r.cells[j].mean is not None and not r.cells[j].partial]
         if len(means) < 2:
             return set()
         low = min(m for _, m in means)

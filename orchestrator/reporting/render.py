@@ -5,15 +5,17 @@ from __future__ import annotations
 import csv
 import io
 
-from orchestrator.reporting.layout import MISSING, Column, DeltaRow, Row, Table, TableCell, file_stem
+from orchestrator.reporting.layout import COLLAPSED_MARK, MISSING, Column, DeltaRow, Row, Table, TableCell, file_stem
+from orchestrator.reporting.uncertainty import Delta
 
 
 def _number(v: float, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
-def format_cell(cell: TableCell, digits: int = 2, pm: str = " ± ") -> str:
-    """`6.37 ± 0.12`, `6.37` (one seed), `6.37 ± 0.12 (n=2/3)` (seeds missing), or "—"."""
+def format_cell(cell: TableCell, digits: int = 2, pm: str = " ± ", mark: str = COLLAPSED_MARK) -> str:
+    """`6.37 ± 0.12`, `6.37` (one seed), `6.37 ± 0.12 (n=2/3)` (seeds missing), `6.37 ± 0.12 † 1/2` (one of
+    two runs collapsed), or "—"."""
     if cell.mean is None:
         return MISSING
     text = _number(cell.mean, digits)
@@ -21,11 +23,23 @@ def format_cell(cell: TableCell, digits: int = 2, pm: str = " ± ") -> str:
         text += pm + _number(cell.std, digits)
     if cell.partial:
         text += f" (n={cell.n}/{cell.expected})"
+    if cell.collapsed:
+        text += f" {mark} {cell.collapsed}/{cell.n}"
     return text
 
 
-def format_delta(value: float | None, digits: int = 2) -> str:
-    return MISSING if value is None else f"{value:+.{digits}f}"
+def format_delta(value: float | None, digits: int = 2, interval: Delta | None = None, star: str = "*") -> str:
+    """`+1.07`, or with its interval `+1.07 [-0.68, +3.04]`, starred when the interval excludes 0."""
+    if value is None:
+        return MISSING
+    text = f"{value:+.{digits}f}"
+    if interval is not None:
+        text += f"{star if interval.resolved else ''} [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
+    return text
+
+
+def _intervals(delta: DeltaRow) -> tuple:
+    return delta.intervals or (None,) * len(delta.values)
 
 
 def _best_per_column(table: Table) -> list[set[int]]:
@@ -60,7 +74,8 @@ def _md_row(row: Row, bold: list[bool], digits: int) -> str:
 
 
 def _md_delta(delta: DeltaRow, digits: int) -> str:
-    return _md_line([_md_escape(delta.label)] + [format_delta(v, digits) for v in delta.values])
+    cells = [format_delta(v, digits, i, star="\\*") for v, i in zip(delta.values, _intervals(delta))]
+    return _md_line([_md_escape(delta.label)] + cells)
 
 
 def render_markdown(table: Table, digits: int = 2) -> str:
@@ -128,7 +143,7 @@ def _tex_header(spans: list[Span], fmt) -> list[str]:
 
 
 def _tex_cell(cell: TableCell, bold: bool, digits: int) -> str:
-    text = MISSING if cell.mean is None else format_cell(cell, digits, pm=" $\\pm$ ")
+    text = MISSING if cell.mean is None else format_cell(cell, digits, pm=" $\\pm$ ", mark="$^\\dagger$")
     text = "---" if text == MISSING else text
     return rf"\textbf{{{text}}}" if bold else text
 
@@ -157,9 +172,20 @@ def _tex_body(table: Table, digits: int) -> list[str]:
     if table.deltas:
         lines.append(r"\midrule")
         for d in table.deltas:
-            values = ["---" if v is None else f"${v:+.{digits}f}$" for v in d.values]
+            values = [_tex_delta(v, i, digits) for v, i in zip(d.values, _intervals(d))]
             lines.append(" & ".join([tex_escape(d.label)] + values) + r" \\")
     return lines
+
+
+def _tex_delta(value: float | None, interval: Delta | None, digits: int) -> str:
+    """`$+1.07$`, or `$+1.07^{*}$ {\\scriptsize [$-0.68$, $+3.04$]}` with its interval."""
+    if value is None:
+        return "---"
+    star = "^{*}" if interval is not None and interval.resolved else ""
+    text = f"${value:+.{digits}f}{star}$"
+    if interval is not None:
+        text += rf" {{\scriptsize [${interval.low:+.{digits}f}$, ${interval.high:+.{digits}f}$]}}"
+    return text
 
 
 def render_latex(table: Table, digits: int = 2) -> str:
@@ -188,24 +214,29 @@ def _csv_number(v) -> str:
     return "" if v is None else repr(float(v))
 
 
+CSV_FIELDS = ("mean", "std", "n", "collapsed", "ci_low", "ci_high", "resolved")
+
+
 def render_csv(table: Table) -> str:
     """One line per row (kind `value`) and per Δ row (kind `delta`, with its reference); per column
-    `{dataset}/{metric}/{region}/mean`, `/std`, `/n`, full precision, empty when missing."""
+    `{dataset}/{metric}/{region}/` mean, std, n and collapsed (runs) for a value row, mean (the Δ), ci_low,
+    ci_high and resolved (the interval excludes 0) for a Δ row; full precision, empty when missing."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     head = ["table", "kind", "label", *table.key_fields, "reference", "seeds_in_grid"]
-    writer.writerow(head + [f"{c.key}/{s}" for c in table.columns for s in ("mean", "std", "n")])
+    writer.writerow(head + [f"{c.key}/{s}" for c in table.columns for s in CSV_FIELDS])
     for row in table.rows:
         keys = dict(row.keys)
         expected = row.cells[0].expected if row.cells else 0
         line = [table.name, "value", row.label, *(keys.get(k, "") for k in table.key_fields), "", expected]
         for c in row.cells:
-            line += [_csv_number(c.mean), _csv_number(c.std), c.n]
+            line += [_csv_number(c.mean), _csv_number(c.std), c.n, c.collapsed, "", "", ""]
         writer.writerow(line)
     for d in table.deltas:
         keys = dict(d.keys)
         line = [table.name, "delta", d.label, *(keys.get(k, "") for k in table.key_fields), d.reference, ""]
-        for v in d.values:
-            line += [_csv_number(v), "", ""]
+        for v, i in zip(d.values, _intervals(d)):
+            bounds = ["", "", ""] if i is None else [_csv_number(i.low), _csv_number(i.high), int(i.resolved)]
+            line += [_csv_number(v), "", "", "", *bounds]
         writer.writerow(line)
     return buf.getvalue()

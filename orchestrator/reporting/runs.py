@@ -16,6 +16,7 @@ from orchestrator.tracking.conventions import (
     BASE_VALUES_TAG,
     BASELINE_TAG,
     PARENT_TAG,
+    PREDICTIONS_LABEL_STEP,
     ROLE_TAG,
     SWEEP_ROLE,
     SWEEP_TAG,
@@ -158,3 +159,28 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     exp = _experiment(client, experiment, tracking_uri)
     parent = _parent_run(client, exp, parent_run_id, sweep)
     return _finished_runs(client, exp) if parent is None else _cell_runs(client, exp, parent)
+
+
+def load_predictions(tracking_uri: str, run_ids: list[str], split: str) -> dict[str, pd.DataFrame]:
+    """Each run's `predictions/{split}.parquet` (id, target, region, scored; the label step in `attrs`),
+    for the Δ intervals and the collapse marks. A run without one, or from before the tables needed the
+    `scored` column, is left out: its Δ cells then have no interval."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    client = tracking_client(tracking_uri)
+    out: dict[str, pd.DataFrame] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in run_ids:
+            try:
+                path = client.download_artifacts(run_id, f"predictions/{split}.parquet", tmp)
+            except Exception:  # noqa: BLE001 - no predictions logged: the table goes without this run's interval
+                continue
+            table = pq.read_table(path)
+            if "scored" not in table.column_names:
+                continue
+            frame = table.select(["id", "target", "region", "scored"]).to_pandas()
+            frame.attrs["label_step"] = float((table.schema.metadata or {}).get(PREDICTIONS_LABEL_STEP, b"1"))
+            out[run_id] = frame
+    return out

@@ -17,8 +17,7 @@ from orchestrator.methods.answers import format_answer, resolve_parse_failures
 from orchestrator.methods.metrics import dir_metrics, evaluate_texts
 from orchestrator.modeling.generation import decode_completions, generate
 from orchestrator.stages.context import StageContext
-
-PREDICTIONS_LABEL_STEP = b"orchestrator.label_step"  # key of the label step in a predictions table's metadata
+from orchestrator.tracking.conventions import PREDICTIONS_LABEL_STEP
 
 
 def eval_rows(n: int, max_samples: int | None, seed: int) -> np.ndarray:

@@ -25,6 +25,8 @@ RESUMED_FROM_TAG = "orchestrator.resumed_from"
 WORKER_THREADS_TAG = "orchestrator.worker_threads"
 WORKER_MALLOC_TAG = "orchestrator.worker_malloc"
 WORKER_NODE_TAG = "orchestrator.worker_node"  # the Ray node id where rank 0 last started
+# A run's predictions/{split}.parquet keeps the label step (GM's error floor) under this schema metadata key.
+PREDICTIONS_LABEL_STEP = b"orchestrator.label_step"
 
 # ---- tags of a sweep: its parent run carries the role, axes, baseline and base; each cell run its cell name
 
