@@ -110,3 +110,31 @@ def test_step_statistics_from_two_workers_sums_by_hand():
     assert stats["pred_std_over_label_std"] == 0.5 and stats["loss"] == 0.5 and stats["reward/ccc"] == 0.5
     summed[9] = 0.0  # constant targets: the spread ratio is undefined, not infinite
     assert math.isnan(step_statistics(summed, 2, ["ccc"])["pred_std_over_label_std"])
+
+
+def score_with(policy: str, seed: int = 7):
+    """score_rollout on one worker: prompt 0 (target 20) answered 20 and a parse failure, prompt 1 (target 60) 50
+    and 70; the reward is `mae` (−min(1, |e| / 100)) over labels 0..100."""
+    from types import SimpleNamespace
+
+    from orchestrator.config import GRPOStage, RunConfig
+    from orchestrator.stages.grpo import PromptBatch, Rollout, score_rollout
+    from orchestrator.stages.timing import Stopwatch
+
+    stage = GRPOStage(rewards=[{"name": "mae"}], group_size=2, reward_parse_failure=policy)
+    dataset = SimpleNamespace(label_min=0.0, label_max=100.0, label_step=1.0)
+    ctx = SimpleNamespace(cfg=RunConfig(seed=seed), stage_index=1, rank=0, world_size=1, device=torch.device("cpu"),
+                          dataset=dataset)
+    batch = PromptBatch(prompt_ids=[[1], [2]], targets=[20.0, 60.0], columns={}, pixels=None)
+    texts = [["<answer>20</answer>", "no idea"], ["<answer>50</answer>", "<answer>70</answer>"]]
+    rollout = Rollout(completions=[[3]] * 4, texts=texts, parsed=[[20.0, None], [50.0, 70.0]])
+    return score_rollout(ctx, stage, batch, rollout, Stopwatch({}), step=3)
+
+
+def test_the_reward_parse_failure_policy_is_applied_before_the_reward_terms():
+    penalty = score_with("penalty")
+    assert penalty.per_term["mae"] == [[0.0, -1.0], [-0.1, -0.1]]  # the failure: mae's own value, −1
+    drawn = score_with("random").per_term["mae"]
+    assert drawn[1] == [-0.1, -0.1] and -1.0 < drawn[0][1] <= 0.0  # the failure scored as a value in [0, 100]
+    assert score_with("random").per_term == score_with("random").per_term  # seeded: the same draw again
+    assert score_with("random", seed=8).per_term != score_with("random").per_term

@@ -12,6 +12,7 @@ from orchestrator.methods.rewards import (
     format_reward,
     mae_reward,
     resolve_reward,
+    substitute_parse_failures,
 )
 
 
@@ -91,3 +92,56 @@ def test_weighted_terms_and_user_rewards():
 
 def bad_shape(ctx):
     return [[1.0]]
+
+
+def test_the_range_normalised_mae_reward_never_scores_below_a_parse_failure():
+    # |1000 - 50| / 90 is 10.6 ranges away: clipped at -1, what not answering gets
+    assert mae_reward(1000, 50, form="neg_range", label_range=90) == -1.0
+    assert mae_reward(-5000, 50, form="neg_range", label_range=90) == -1.0
+    assert mae_reward(140, 50, form="neg_range", label_range=90) == -1.0  # exactly one range away
+    assert mae_reward(95, 50, form="neg_range", label_range=90) == pytest.approx(-0.5)
+
+
+def test_accuracy_by_default_is_a_hit_within_half_the_label_step():
+    """The `exact` metric's rule, |ŷ − y| < label_step / 2: on prices binned at 500, 4,200 for 4,000 is a hit and
+    4,250 or 4,300 is not; an explicit tolerance keeps its own rule, |ŷ − y| <= tolerance."""
+    ctx = RewardContext(texts=[["a", "b", "c"]], parsed=[[4200.0, 4250.0, 4300.0]], targets=[4000.0],
+                        label_min=300, label_max=19000, label_step=500, stage=GRPOStage())
+    _, per_term = compute_rewards([("accuracy", 1.0)], ctx)
+    assert per_term["accuracy"] == [[1.0, 0.0, 0.0]]
+    ctx.stage = GRPOStage(accuracy_tolerance=0)
+    assert compute_rewards([("accuracy", 1.0)], ctx)[1]["accuracy"] == [[0.0, 0.0, 0.0]]
+    ctx.stage = GRPOStage(accuracy_tolerance=250)
+    assert compute_rewards([("accuracy", 1.0)], ctx)[1]["accuracy"] == [[1.0, 1.0, 0.0]]
+    assert accuracy_reward(50.4, 50) == 1.0 and accuracy_reward(50.5, 50) == 0.0  # label step 1
+    assert accuracy_reward(50.4, 50, tolerance=0) == 0.0
+
+
+def test_random_parse_failure_substitution_is_seeded_and_in_the_label_range():
+    parsed = [[1.0, None], [None, 4.0]]
+    assert substitute_parse_failures(parsed, "penalty", 10, 20, seed=(1, 0, 3, 0)) == parsed  # each term's own value
+    once = substitute_parse_failures(parsed, "random", 10, 20, seed=(1, 0, 3, 0))
+    assert once[0][0] == 1.0 and once[1][1] == 4.0 and 10 <= once[0][1] <= 20 and 10 <= once[1][0] <= 20
+    assert once == substitute_parse_failures(parsed, "random", 10, 20, seed=(1, 0, 3, 0))  # same step, same worker
+    assert once != substitute_parse_failures(parsed, "random", 10, 20, seed=(1, 0, 4, 0))  # another step
+    assert once != substitute_parse_failures(parsed, "random", 10, 20, seed=(1, 0, 3, 1))  # another worker
+    assert substitute_parse_failures(parsed, "random", 10, 20, seed=(-7, 0, 0, 0))  # any run seed
+    with pytest.raises(ValueError, match="unknown reward parse-failure policy 'exclude'"):
+        substitute_parse_failures(parsed, "exclude", 10, 20, seed=(0,))
+
+
+def test_substituted_failures_are_what_every_reward_term_sees():
+    """With `random`, a failed sample is scored as the drawn value by ccc, mae and accuracy, and enters its
+    prompt's mean in ccc; format still pays nothing for a completion without a parsable answer."""
+    texts, parsed, targets = [["<answer>2</answer>", "oops"], ["<answer>4</answer>", "<answer>1</answer>"]], \
+        [[2.0, None], [4.0, 1.0]], [2.0, 3.0]
+    drawn = substitute_parse_failures(parsed, "random", 0, 10, seed=(5, 1, 2, 0))
+    value = drawn[0][1]
+    ctx = RewardContext(texts=texts, parsed=drawn, targets=targets, label_min=0, label_max=10, stage=GRPOStage())
+    _, per_term = compute_rewards([("mae", 1.0), ("ccc", 1.0), ("format", 1.0)], ctx)
+    assert per_term["mae"][0][1] == pytest.approx(-abs(value - 2.0) / 10)
+    # prompt 1's sample 4 against prompt 0's mean (2 + value) / 2
+    m0 = (2.0 + value) / 2
+    assert per_term["ccc"][1][0] == pytest.approx(ccc([4.0, m0], [3.0, 2.0]))
+    assert per_term["ccc"][0][1] == pytest.approx(ccc([value, 2.5], [2.0, 3.0]))
+    assert per_term["format"] == [[0.5, 0.0], [0.5, 0.5]]

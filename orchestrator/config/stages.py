@@ -115,6 +115,14 @@ class GRPOSettings(StageBase):
         default_factory=lambda: [RewardTerm(name="ccc")],
         description="The reward is the weighted sum of these terms; each term is also logged on its own.",
     )
+    reward_parse_failure: Literal["penalty", "random"] = Field(
+        "penalty",
+        description="How a sample without a parsable answer enters the reward terms (METHODS §1): penalty: each "
+        "term's own failure value (ccc and accuracy 0, mae −1 or 0, format 0; ccc leaves it out of its prompt's "
+        "mean); random: a uniform value over the label range stands in for it before every term, as the "
+        "official CCC-GRPO code does (format still pays 0), drawn from the run seed, stage, step and worker. "
+        "Failures count in train/parse_fail_rate either way.",
+    )
     ccc_scope: Literal["worker", "global"] = Field(
         "worker",
         description="Batch of the `ccc` reward (CCC-GRPO, seed 001): worker: each worker's own B prompts (as the "

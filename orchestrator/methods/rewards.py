@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from orchestrator.methods.answers import parse_answer
@@ -19,6 +20,7 @@ from orchestrator.methods.metrics import ccc
 from orchestrator.methods.registry import MethodParams, Registry
 
 Grid = list[list[float]]
+REWARD_PARSE_FAILURE_POLICIES = ("penalty", "random")
 
 
 @dataclass
@@ -28,6 +30,7 @@ class RewardContext:
     targets: Sequence[float]
     label_min: float
     label_max: float
+    label_step: float = 1.0  # the dataset's label resolution (the `accuracy` reward's default tolerance)
     stage: Any = None  # the GRPOStage config: registered rewards read their parameters from it
     columns: dict[str, list] = field(default_factory=dict)  # the dataset's columns per prompt
 
@@ -41,8 +44,9 @@ REWARDS: Registry[Callable[..., Grid]] = Registry("reward")
 
 class MaeRewardParams(MethodParams):
     mae_reward_form: Literal["neg_range", "one_minus_scaled"] = Field(
-        "neg_range", description="Form of the point-wise `mae` reward (METHODS §4): neg_range is −|ŷ − y| / label "
-        "range (a parse failure gets −1); one_minus_scaled is 1 − min(1, |ŷ − y| / mae_scale) (a failure gets 0).",
+        "neg_range", description="Form of the point-wise `mae` reward (METHODS §4): neg_range is "
+        "−min(1, |ŷ − y| / label range) (a parse failure gets −1, so no answer scores below not answering); "
+        "one_minus_scaled is 1 − min(1, |ŷ − y| / mae_scale) (a failure gets 0).",
     )
     mae_scale: float | None = Field(
         None, gt=0, description="The scale of `one_minus_scaled`; None takes the training label range.",
@@ -50,8 +54,10 @@ class MaeRewardParams(MethodParams):
 
 
 class AccuracyRewardParams(MethodParams):
-    accuracy_tolerance: float = Field(
-        0.0, ge=0, description="`accuracy` (R1-AQA style, seed 004) pays 1 when |ŷ − y| is at most this.",
+    accuracy_tolerance: float | None = Field(
+        None, ge=0, description="`accuracy` (R1-AQA style, seed 004) pays 1 when |ŷ − y| is at most this. None: "
+        "when |ŷ − y| < label_step / 2, the rule of the `exact` metric (METHODS §2), so a dataset binned at "
+        "500 dollars counts 4,200 for 4,000 as a hit.",
     )
 
 
@@ -73,17 +79,38 @@ def batch_ccc_rewards(preds: Sequence[Sequence[float | None]], targets: Sequence
 
 def mae_reward(pred: float | None, target: float, *, form: str, label_range: float,
                scale: float | None = None) -> float:
-    """neg_range: −|ŷ − y| / range (a failure gets −1); one_minus_scaled: 1 − min(1, |ŷ − y| / scale)
-    (a failure gets 0)."""
+    """neg_range: −min(1, |ŷ − y| / range) (a failure gets −1: an absurd answer never scores below none);
+    one_minus_scaled: 1 − min(1, |ŷ − y| / scale) (a failure gets 0)."""
     if form == "neg_range":
-        return -1.0 if pred is None else -abs(pred - target) / label_range
+        return -1.0 if pred is None else -min(1.0, abs(pred - target) / label_range)
     if form == "one_minus_scaled":
         return 0.0 if pred is None else 1.0 - min(1.0, abs(pred - target) / (scale or label_range))
     raise ValueError(f"unknown mae reward form {form!r}; allowed: neg_range, one_minus_scaled")
 
 
-def accuracy_reward(pred: float | None, target: float, tolerance: float = 0.0) -> float:
-    return 1.0 if pred is not None and abs(pred - target) <= tolerance + 1e-9 else 0.0
+def accuracy_reward(pred: float | None, target: float, tolerance: float | None = None,
+                    label_step: float = 1.0) -> float:
+    """1 for a hit: |ŷ − y| <= tolerance, or with no tolerance |ŷ − y| < label_step / 2 (the `exact` metric)."""
+    if pred is None:
+        return 0.0
+    error = abs(pred - target)
+    hit = error < label_step / 2 if tolerance is None else error <= tolerance + 1e-9
+    return 1.0 if hit else 0.0
+
+
+def substitute_parse_failures(parsed: Sequence[Sequence[float | None]], policy: str, label_min: float,
+                              label_max: float, seed: Sequence[int]) -> list[list[float | None]]:
+    """What the reward terms see of the parsed answers (METHODS §1). penalty: the failures stay None and each
+    term gives them its own failure value; random: each failure becomes a uniform draw over [label_min,
+    label_max], as the official CCC-GRPO code does, from a generator seeded by `seed` (e.g. run seed, stage,
+    step, rank), so a rerun or a resumed stage draws the same values."""
+    if policy not in REWARD_PARSE_FAILURE_POLICIES:
+        raise ValueError(f"unknown reward parse-failure policy {policy!r}; "
+                         f"allowed: {', '.join(REWARD_PARSE_FAILURE_POLICIES)}")
+    if policy == "penalty":
+        return [list(group) for group in parsed]
+    rng = np.random.default_rng([int(x) % 2**64 for x in seed])  # a seed sequence takes no negative entries
+    return [[float(rng.uniform(label_min, label_max)) if v is None else v for v in group] for group in parsed]
 
 
 def format_reward(text: str, parsed: float | None, label_min: float, label_max: float) -> float:
@@ -108,8 +135,8 @@ def _mae(ctx: RewardContext, params: MaeRewardParams) -> Grid:
 
 @REWARDS.register("accuracy", params=AccuracyRewardParams, source="R1-AQA (seed 004)")
 def _accuracy(ctx: RewardContext, params: AccuracyRewardParams) -> Grid:
-    tol = params.accuracy_tolerance
-    return [[accuracy_reward(p, y, tol) for p in group] for group, y in zip(ctx.parsed, ctx.targets)]
+    tol, step = params.accuracy_tolerance, ctx.label_step
+    return [[accuracy_reward(p, y, tol, step) for p in group] for group, y in zip(ctx.parsed, ctx.targets)]
 
 
 @REWARDS.register("format", source="METHODS §4")

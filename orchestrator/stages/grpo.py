@@ -33,7 +33,7 @@ from orchestrator.engine.deepspeed import full_parameters, optimizer_step
 from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
 from orchestrator.methods.answers import parse_answer
 from orchestrator.methods.grpo import LOSS_AGGREGATIONS, group_advantages, grpo_loss_terms
-from orchestrator.methods.rewards import RewardContext, compute_rewards
+from orchestrator.methods.rewards import RewardContext, compute_rewards, substitute_parse_failures
 from orchestrator.modeling.forward import build_sequences, completion_mask, shared_prompt_logprobs, token_logprobs
 from orchestrator.modeling.generation import accepts_logits_to_keep, decode_completions, generate
 from orchestrator.modeling.last_layer import enable_last_layer_from
@@ -58,7 +58,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         with watch("generation"):
             rollout = generate_rollout(engine, ctx, stage, batch)
         with watch("reward"):
-            scores = score_rollout(ctx, stage, batch, rollout, watch)
+            scores = score_rollout(ctx, stage, batch, rollout, watch, step)
         with watch("logprobs"):
             forward = LogProbForward.for_rollout(ctx, stage, batch, rollout, keep_only_completions)
             old_logp, ref_logp = fixed_logprobs(engine, reference, forward, stage)
@@ -167,17 +167,21 @@ class Scores:
     targets: list[float]  # the targets the batch-level terms saw (this worker's or the whole step's)
 
 
-def score_rollout(ctx: StageContext, stage: GRPOStage, batch: PromptBatch, rollout: Rollout, watch) -> Scores:
-    """Weighted reward terms, then group-relative advantages."""
-    texts, parsed, targets, columns, lo, hi = rollout.texts, rollout.parsed, batch.targets, batch.columns, 0, None
+def score_rollout(ctx: StageContext, stage: GRPOStage, batch: PromptBatch, rollout: Rollout, watch,
+                  step: int) -> Scores:
+    """Weighted reward terms (on the answers after the stage's parse-failure policy, each worker substituting
+    its own), then group-relative advantages."""
+    ds = ctx.dataset
+    seed = (ctx.cfg.seed, ctx.stage_index, step, ctx.rank)
+    parsed = substitute_parse_failures(rollout.parsed, stage.reward_parse_failure, ds.label_min, ds.label_max, seed)
+    texts, targets, columns, lo, hi = rollout.texts, batch.targets, batch.columns, 0, None
     if stage.ccc_scope == "global" and ctx.world_size > 1:
         with watch("collectives"):
-            (parsed, targets, texts), columns, offsets = global_rollout(rollout.parsed, batch.targets,
-                                                                        rollout.texts, batch.columns)
+            (parsed, targets, texts), columns, offsets = global_rollout(parsed, batch.targets, rollout.texts,
+                                                                        batch.columns)
         lo, hi = offsets[ctx.rank], offsets[ctx.rank + 1]
-    ds = ctx.dataset
     reward_ctx = RewardContext(texts=texts, parsed=parsed, targets=targets, label_min=ds.label_min,
-                               label_max=ds.label_max, stage=stage, columns=columns)
+                               label_max=ds.label_max, label_step=ds.label_step, stage=stage, columns=columns)
     total, per_term = compute_rewards([(t.name, t.weight) for t in stage.rewards], reward_ctx)
     hi = len(total) if hi is None else hi
     rewards = torch.tensor([r for group in total[lo:hi] for r in group], dtype=torch.float32)
