@@ -14,6 +14,9 @@ def test_answer_token_length_with_the_digit_tokenizer():
     assert answer_token_length(tok, 10, 100) == 21
     # "-5" is longer than "3": the label range end with more characters decides
     assert answer_token_length(tok, -5, 3) == len("<answer>-5</answer>") + 1
+    # a label step of 0.5 writes one decimal: "<answer>10.0</answer>"
+    assert answer_token_length(tok, 0, 10, label_step=0.5) == len("<answer>10.0</answer>") + 1
+    assert answer_token_length(tok, 0, 10, label_step=500) == len("<answer>10</answer>") + 1
 
 
 def test_generation_budget_too_small_is_refused_naming_the_field():
@@ -22,6 +25,8 @@ def test_generation_budget_too_small_is_refused_naming_the_field():
     too_short = r"eval.max_new_tokens=14 cannot hold the answer '<answer>100</answer>'.*>=21"
     with pytest.raises(ConfigError, match=too_short):
         check_generation_budgets(load_run_config(overrides=["eval.max_new_tokens=14"]), tok, 10, 100)
+    with pytest.raises(ConfigError, match=r"'<answer>100.0</answer>'.*>=23"):  # label step 0.5: one decimal
+        check_generation_budgets(load_run_config(overrides=["eval.max_new_tokens=21"]), tok, 10, 100, label_step=0.5)
     cfg = load_run_config(overrides=["pipeline=sft:ce -> grpo:ccc", "pipeline.1.max_new_tokens=8"])
     with pytest.raises(ConfigError, match=r"pipeline.1.max_new_tokens=8"):
         check_generation_budgets(cfg, tok, 10, 100)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.methods.answers import format_answer, parse_answer, resolve_parse_failures
+from orchestrator.methods.answers import answer_decimals, format_answer, parse_answer, resolve_parse_failures
 from orchestrator.methods.metrics import dir_metrics, evaluate_texts
 
 
@@ -46,6 +46,37 @@ def test_format_answer_round_trips():
     assert format_answer(63.0) == "<answer>63</answer>"
     assert format_answer(2.25, decimals=1) == "<answer>2.2</answer>"
     assert parse_answer(format_answer(17)) == 17.0
+
+
+@pytest.mark.parametrize("label_step, decimals", [(1, 0), (500, 0), (10, 0), (0.5, 1), (0.1, 1), (2.5, 1),
+                                                   (0.25, 2), (0.001, 3), (1e-5, 5)])
+def test_answer_decimals_follow_the_label_step(label_step, decimals):
+    assert answer_decimals(label_step) == decimals
+
+
+def test_sft_targets_are_written_at_the_label_resolution():
+    """A token objective writes each target with the decimals its dataset's label step implies: 2.5 at step 0.5
+    is taught as 2.5 (not banker's-rounded to 2), 4,250 dollars at step 500 as 4250."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from orchestrator.config import SFTStage
+    from orchestrator.methods.objectives.base import build_objective
+    from orchestrator.modeling.models import build_digit_tokenizer
+
+    tok = build_digit_tokenizer()
+    table = pa.table({"prompt": ["a", "b"], "target": [2.5, 7.0]})
+
+    def taught(label_step):
+        objective = build_objective(SFTStage(loss="ce"), None)
+        objective.prepare(None, SimpleNamespace(label_step=label_step))
+        return [tok.decode([t for t in labels if t >= 0][:-1]) for _, labels in objective.encode(tok, table, str)]
+
+    assert taught(0.5) == ["<answer>2.5</answer>", "<answer>7.0</answer>"]
+    assert taught(1.0) == ["<answer>2</answer>", "<answer>7</answer>"]
+    table = pa.table({"prompt": ["a"], "target": [4250.0]})
+    assert taught(500.0) == ["<answer>4250</answer>"]
 
 
 def test_parse_failure_policies():

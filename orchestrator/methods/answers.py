@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 import numpy as np
 
@@ -45,6 +46,13 @@ def parse_answer(text) -> float | None:
     except (ValueError, OverflowError):  # the grammar should prevent this; malformed text must not crash
         return None
     return value if math.isfinite(value) else None  # a 400-digit number overflows to inf
+
+
+def answer_decimals(label_step: float) -> int:
+    """Decimals that write every multiple of the label step: 0 for 1 or 500, 1 for 0.5 or 2.5, 2 for 0.25.
+    SFT writes its targets at this resolution, so a dataset binned at 0.5 is taught 2.5, not a rounded 2."""
+    exponent = Decimal(repr(float(label_step))).normalize().as_tuple().exponent
+    return max(0, -int(exponent))
 
 
 def format_answer(value: float, decimals: int = 0) -> str:

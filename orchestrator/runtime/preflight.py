@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.config import ConfigError, RunConfig, resolve_storage
 from orchestrator.data import build_dataset
-from orchestrator.methods.answers import format_answer
+from orchestrator.methods.answers import answer_decimals, format_answer
 from orchestrator.modeling.models import (
     load_tokenizer,
     resolve_source,
@@ -29,18 +29,21 @@ def check_package_versions() -> None:
         raise ConfigError(str(exc)) from None
 
 
-def answer_token_length(tokenizer, label_min: float, label_max: float) -> int:
-    """Tokens of the longest answer in the label range, end-of-turn included."""
+def answer_token_length(tokenizer, label_min: float, label_max: float, label_step: float = 1.0) -> int:
+    """Tokens of the longest answer in the label range, written as SFT writes it (at the label step's
+    decimals), end-of-turn included."""
+    decimals = answer_decimals(label_step)
     return 1 + max(
-        len(tokenizer.encode(format_answer(v), add_special_tokens=False)) for v in (label_min, label_max)
+        len(tokenizer.encode(format_answer(v, decimals), add_special_tokens=False)) for v in (label_min, label_max)
     )
 
 
-def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_max: float) -> None:
+def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_max: float,
+                             label_step: float = 1.0) -> None:
     """Refuse a max_new_tokens that cannot hold the answer: every sample would be a parse failure.
     A pipeline ending in sft:rvtc answers through its head at evaluation, so only its GRPO budgets count
     (it has none: rvtc is last). The tokenizer of a vision-language source answers in the same text."""
-    needed = answer_token_length(tokenizer, label_min, label_max)
+    needed = answer_token_length(tokenizer, label_min, label_max, label_step)
     ends_in_head = bool(cfg.pipeline) and cfg.pipeline[-1].answers_through_head()
     budgets = [] if ends_in_head else [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
     budgets += [
@@ -48,8 +51,9 @@ def check_generation_budgets(cfg: RunConfig, tokenizer, label_min: float, label_
     ]
     for field, value in budgets:
         if value < needed:
+            answer = format_answer(label_max, answer_decimals(label_step))
             raise ConfigError(
-                f"{field}={value} cannot hold the answer {format_answer(label_max)!r}: it takes {needed} tokens "
+                f"{field}={value} cannot hold the answer {answer!r}: it takes {needed} tokens "
                 f"(end of turn included) with this model's tokenizer; set {field}>={needed}"
             )
 
@@ -261,7 +265,8 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     built = build_dataset(cfg.data)
     model_source = resolve_source(cfg.model)
     check_model_source(cfg, model_source, built)
-    check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max)
+    check_generation_budgets(cfg, load_tokenizer(cfg.model, model_source), built.label_min, built.label_max,
+                             built.label_step)
     uri = resolve_tracking_uri(cfg)
     check_tracking_store(uri)
     check_experiment(uri, cfg.tracking.experiment)

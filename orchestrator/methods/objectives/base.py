@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from orchestrator.data.collate import collate_sft, encode_sft_example, supervised_counts
-from orchestrator.methods.answers import format_answer
+from orchestrator.methods.answers import answer_decimals, format_answer
 from orchestrator.methods.registry import Registry
 
 SFT_OBJECTIVES: Registry[type[SFTObjective]] = Registry("SFT objective")
@@ -49,10 +49,21 @@ class TokenObjective(SFTObjective):
     """An objective on the answer tokens: the prompt is masked, the loss reads the logits that predict each
     answer token. Subclasses give `loss(logits, labels, digit_token_ids) -> (loss_sum, normaliser)`."""
 
+    decimals: int | None = None  # of the written targets: the dataset's label resolution, set by prepare
+
+    def prepare(self, model: torch.nn.Module, dataset) -> None:
+        self.decimals = answer_decimals(dataset.label_step)
+
     def encode(self, tokenizer, table, prompt_text: Callable[[str], str]) -> list[tuple[list[int], list[int]]]:
+        """(input ids, labels) per row, the target written `<answer>…</answer>` at the label resolution."""
+        if self.decimals is None:
+            raise RuntimeError("prepare(model, dataset) first: the answers are written at the dataset's label step")
         prompts = table.column("prompt").to_pylist()
         targets = table.column("target").to_pylist()
-        return [encode_sft_example(tokenizer, prompt_text(p), format_answer(t)) for p, t in zip(prompts, targets)]
+        return [
+            encode_sft_example(tokenizer, prompt_text(p), format_answer(t, self.decimals))
+            for p, t in zip(prompts, targets)
+        ]
 
     def collate(self, examples, pad_token_id: int) -> dict[str, torch.Tensor]:
         return collate_sft(examples, pad_token_id)
