@@ -247,6 +247,27 @@ def test_token_logprobs_match_log_softmax(model_and_tokenizer):
         assert torch.allclose(kept, expected[:, start:], atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_logprobs_are_those_of_the_sampling_distribution_at_its_temperature(model_and_tokenizer, temperature):
+    """Rollouts sample from softmax(logits / T), so the ratio and KL read log_softmax(logits / T) (as TRL): on
+    whole rows and in the prompt-shared layout alike."""
+    model, tok = model_and_tokenizer
+    input_ids, attention_mask, _, start, _ = rollout(tok)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+        expected = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        got = token_logprobs(model, input_ids, attention_mask, temperature=temperature)
+        assert torch.allclose(got, expected, atol=1e-5)
+        kept = token_logprobs(model, input_ids, attention_mask, start=start, keep=True, temperature=temperature)
+        assert torch.allclose(kept, expected[:, start:], atol=1e-5)
+        prompts, completions, _ = rollout_ids(tok)
+        rows, width = list(range(len(completions))), max(len(c) for c in completions)
+        shared = shared_prompt_logprobs(model, prompts, completions, rows, 3, tok.pad_token_id, width, True,
+                                        temperature=temperature)
+        mask = completion_mask(completions, width)
+        assert torch.allclose(shared * mask, per_completion(expected, prompts, completions, 3) * mask, atol=1e-5)
+
+
 def test_length_groups_by_hand():
     assert [g.tolist() for g in length_groups([5, 9, 2, 7, 3], 2)] == [[2, 4, 0], [3, 1]]
     assert [g.tolist() for g in length_groups([5, 9, 2], 1)] == [[0, 1, 2]]  # one group keeps the order

@@ -128,7 +128,10 @@ class GRPOSettings(StageBase):
         description="Batch of the `ccc` reward (CCC-GRPO, seed 001): worker: each worker's own B prompts (as the "
         "official code); global: the step's prompts gathered from every worker. It changes the reward.",
     )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature T of the rollouts; the policy, old-policy and reference "
+        "log-probs of the loss are those of the sampled distribution, softmax(logits / T), as TRL computes them."
+    )
     top_p: float = Field(
         1.0, gt=0, le=1, description="Nucleus sampling of the rollouts: the smallest set of tokens with this much "
         "probability; 1 samples from the whole distribution."

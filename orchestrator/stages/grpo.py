@@ -205,7 +205,8 @@ def global_rollout(parsed: list[list[float | None]], targets: list[float], texts
 @dataclass
 class LogProbForward:
     """How this rollout's log-probs are computed: the samples split into `grad_accum` chunks, each
-    chunk's log-probs from a model, and the mask of completion tokens in the same layout."""
+    chunk's log-probs from a model (of the distribution the rollout sampled, at the stage's temperature, for
+    the policy, the old policy and the reference alike), and the mask of completion tokens in the same layout."""
 
     chunks: list[np.ndarray]
     chunk_pixels: list[Any]
@@ -233,7 +234,7 @@ class LogProbForward:
 
             def logprobs(model, c, px):
                 return shared_prompt_logprobs(model, batch.prompt_ids, rollout.completions, c.tolist(), G, pad_id,
-                                              width, keep, ctx.device)
+                                              width, keep, ctx.device, temperature=stage.temperature)
 
             return cls(chunks, chunk_pixels, mask, logprobs)
         input_ids, attention_mask, mask = build_sequences(batch.prompt_ids, rollout.completions, G, pad_id)
@@ -244,7 +245,8 @@ class LogProbForward:
         input_ids, attention_mask = input_ids.to(ctx.device), attention_mask.to(ctx.device)
 
         def logprobs(model, c, px):
-            return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep)
+            return token_logprobs(model, input_ids[c], attention_mask[c], px, start=start, keep=keep,
+                                  temperature=stage.temperature)
 
         return cls(chunks, chunk_pixels, mask[:, start:].to(ctx.device), logprobs)
 
