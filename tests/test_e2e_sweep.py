@@ -132,3 +132,10 @@ def test_grid_killed_then_resumed_runs_each_cell_once_and_tables_match_mlflow(tm
     means = {r["pipeline"]: float(r["movies/mae/all/mean"]) for r in rows if r["kind"] == "value"}
     assert float(delta["movies/mae/all/mean"]) == pytest.approx(means["sft:ce -> grpo:ccc"] - means["sft:ce"])
     assert (tmp_path / "results" / "tables" / "e2e-grid" / "paper.tex").read_text().count("\\toprule") == 1
+    # every cell scored the same test items, so the Δ has a paired bootstrap interval around it
+    low, high = float(delta["movies/mae/all/ci_low"]), float(delta["movies/mae/all/ci_high"])
+    assert low <= float(delta["movies/mae/all/mean"]) + 1e-9 and float(delta["movies/mae/all/mean"]) <= high + 1e-9
+    assert delta["movies/mae/all/resolved"] == str(int(low > 0 or high < 0))
+    # the parent run holds the learning curves across cells
+    plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
+    assert "plots/curves_train_loss.png" in plots

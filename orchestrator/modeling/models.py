@@ -131,7 +131,11 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-converted model is never picked up
+        try:
+            os.replace(tmp, target)  # atomic: a half-converted model is never picked up
+        except OSError:
+            if not (target / "config.json").is_file():  # not another worker of this node finishing first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

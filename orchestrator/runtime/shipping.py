@@ -92,7 +92,7 @@ def local_fingerprint(folder: Path) -> str:
         if sizes == {name: entry["size"] for name, entry in manifest.items()}:
             return manifest_fingerprint(manifest)
     manifest = folder_manifest(folder)
-    manifest_path.write_text(json.dumps(manifest, sort_keys=True))
+    Storage(str(folder)).write_text(json.dumps(manifest, sort_keys=True), MANIFEST)  # whole or not at all
     return manifest_fingerprint(manifest)
 
 

@@ -193,6 +193,18 @@ def _sweep_tables(plan: SweepPlan, parent: str) -> tuple[list[Path], str]:
     return files.paths, files.markdown
 
 
+def _sweep_plots(plan: SweepPlan, parent: str) -> None:
+    """Learning curves across the cells and each numeric axis against the test metrics, on the parent run.
+    Diagnostics: a failure here is a warning, never a failed sweep."""
+    from orchestrator.reporting.sweep_plots import sweep_plots
+    from orchestrator.reporting.tables import default_out_dir
+
+    try:
+        sweep_plots(plan.tracking_uri, plan.experiment, parent, default_out_dir(plan.ablation.name) / "plots")
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: sweep plots not made: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def _close_parent(client, parent: str, failed: dict[str, str]) -> None:
     if failed:
         client.set_tag(parent, FAILED_CELLS_TAG, json.dumps(sorted(failed))[:TAG_VALUE_LIMIT])
@@ -226,6 +238,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: b
         mark_failed(client, parent, f"interrupted: {exc!r}")
         raise
     files, markdown = _sweep_tables(plan, parent)
+    _sweep_plots(plan, parent)
     _close_parent(client, parent, failed)
     return SweepOutcome(ablation.name, plan.experiment, uri, parent, len(plan.cells), len(done), failed, markdown,
                         files, time.time() - t0)
