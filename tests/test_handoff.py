@@ -186,6 +186,34 @@ def test_reference_is_the_frozen_start_and_survives_a_checkpoint(zero):
         assert torch.allclose(logits_of(ref), start, atol=1e-6)
 
 
+def test_the_reference_takes_the_dtype_deepspeed_gives_the_policy():
+    """DeepSpeed's bf16 engine casts the policy's parameters (not its buffers) to bf16: the reference copy is
+    cast the same way, so at the stage's first step the policy and the reference compute the same log-probs
+    and the KL term is 0 (an fp32 reference would differ by bf16's rounding)."""
+    from orchestrator.engine.reference import engine_dtype
+    from orchestrator.methods.grpo import kl_estimate
+    from orchestrator.modeling.forward import token_logprobs
+
+    cfg = cfg_for(2)
+    assert engine_dtype(cfg, cfg.pipeline[1]) == torch.float32  # CPU: fp32
+    gpu = load_run_config(overrides=["scaling.use_gpu=true", "deepspeed.precision=bf16", "pipeline=grpo:ccc"])
+    assert engine_dtype(gpu, gpu.pipeline[0]) == torch.bfloat16
+    model, _ = load_model_and_tokenizer(cfg.model, "tiny")
+    reference = ReferencePolicy(model, cfg, cfg.pipeline[1], lora=False, dtype=torch.bfloat16)
+    with reference.forward_model(None) as ref:
+        assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+        assert {b.dtype for b in ref.buffers()} == {b.dtype for b in model.buffers()}  # buffers as they were
+        policy = copy.deepcopy(model)
+        for p in policy.parameters():  # what DeepSpeed's bf16 engine does to the policy
+            p.data = p.data.to(torch.bfloat16)
+        mask = torch.ones_like(INPUT)
+        with torch.no_grad():
+            kl = kl_estimate(token_logprobs(policy, INPUT, mask), token_logprobs(ref, INPUT, mask), "k3")
+            fp32_kl = kl_estimate(token_logprobs(policy, INPUT, mask), token_logprobs(model, INPUT, mask), "k3")
+    assert torch.equal(kl, torch.zeros_like(kl))
+    assert fp32_kl.abs().max() > 0  # the fp32 start weights would not match the bf16 policy
+
+
 def test_gathered_state_dict_matches_the_unpartitioned_weights():
     cfg = cfg_for(3)
     model, _ = load_model_and_tokenizer(cfg.model, "tiny")

@@ -14,15 +14,24 @@ from orchestrator.engine.handoff import gathered_state_dict
 REFERENCE_FILE = "reference.safetensors"  # GRPO's frozen start-of-stage policy, inside a checkpoint
 
 
+def engine_dtype(cfg: RunConfig, stage) -> torch.dtype:
+    """The dtype the stage's DeepSpeed engine gives the policy's parameters: bf16 where it runs bf16, else fp32."""
+    bf16 = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)["bf16"]["enabled"]
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 class ReferencePolicy:
     """The frozen policy the KL term compares against: the stage's starting weights.
 
     - LoRA: the policy itself with its adapters disabled (no copy at all);
     - ZeRO-3: a frozen copy partitioned by an optimizer-free DeepSpeed engine;
-    - otherwise: a frozen copy (no gradients, no optimizer state).
+    - otherwise: a frozen copy (no gradients, no optimizer state), its parameters (not its buffers) cast to
+      `dtype` (default: the policy engine's, engine_dtype), as DeepSpeed casts the policy's: at the stage's
+      first step both compute the same log-probs, so the KL term starts at 0.
     Build it BEFORE the policy's engine: ZeRO-3 partitions the start module in place."""
 
-    def __init__(self, start_module: torch.nn.Module, cfg: RunConfig, stage, lora: bool, weights: dict | None = None):
+    def __init__(self, start_module: torch.nn.Module, cfg: RunConfig, stage, lora: bool, weights: dict | None = None,
+                 dtype: torch.dtype | None = None):
         self.lora = lora
         self.model = None
         if lora:
@@ -31,7 +40,7 @@ class ReferencePolicy:
         if weights is not None:  # resuming: the reference saved with the checkpoint
             frozen.load_state_dict(weights)
         frozen.requires_grad_(False)
-        if cfg.deepspeed.zero_stage == 3:
+        if cfg.deepspeed.zero_stage == 3:  # its engine casts the copy as the policy's engine casts the policy
             import deepspeed
 
             ds = deepspeed_json(stage, cfg.deepspeed, cfg.scaling.use_gpu)
@@ -39,6 +48,10 @@ class ReferencePolicy:
             ds["zero_optimization"] = {"stage": 3}
             frozen = deepspeed.initialize(model=frozen, config=ds, dist_init_required=False)[0]
             frozen.eval()
+        else:
+            dtype = dtype or engine_dtype(cfg, stage)
+            for param in frozen.parameters():
+                param.data = param.data.to(dtype)
         self.model = frozen
 
     @contextlib.contextmanager
