@@ -21,7 +21,8 @@ from orchestrator.tracking.conventions import PREDICTIONS_LABEL_STEP
 
 
 def eval_rows(n: int, max_samples: int | None, seed: int) -> np.ndarray:
-    """Which rows to evaluate: all, or a seeded subset when capped (same on every worker)."""
+    """Which rows to evaluate: all, or a seeded subset when capped (same on every worker). The caller passes
+    the data seed: every run of a sweep then scores the same items (METHODS §6)."""
     if max_samples is None or max_samples >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:max_samples])
@@ -88,7 +89,7 @@ def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float]
         head = find_rvtc_head(model)
         for split in ctx.cfg.eval.splits:
             table = ds.load(split)
-            table = table.take(eval_rows(table.num_rows, ctx.cfg.eval.max_samples, ctx.cfg.seed))
+            table = table.take(eval_rows(table.num_rows, ctx.cfg.eval.max_samples, ctx.cfg.data.seed))
             if head is not None:
                 values = predict_split(ctx, model, head, table)
                 if ctx.rank == 0:
