@@ -114,6 +114,17 @@ def test_dir_metrics_by_hand():
     assert m["all/spearman"] == pytest.approx(np.corrcoef([1, 3, 2, 4], [1.5, 1.5, 3, 4])[0, 1])
 
 
+def test_distinct_predictions_count_the_values_the_model_answered():
+    """The collapse diagnostic (METHODS §6): how many different values the scored predictions take."""
+    assert dir_metrics([66, 66, 66, 66], [10, 40, 70, 100], [10])["all/distinct_predictions"] == 1
+    assert dir_metrics([1, 3, 2.5, 7, 3], [1, 1, 2, 3, 3], [1])["all/distinct_predictions"] == 4
+    assert dir_metrics([], [], [1.0])["all/distinct_predictions"] == 0
+    # with the penalty policy a parse failure is scored as a label-range end: a value the metrics saw
+    m, _ = evaluate_texts(["<answer>20</answer>", "<answer>20</answer>", "??"], [10, 20, 30], [10, 20, 30],
+                          label_step=1, many=100, few=20, policy="penalty", label_min=10, label_max=40)
+    assert m["all/distinct_predictions"] == 2
+
+
 def test_ccc_in_metrics_by_hand():
     # x = [1,2,3], y = [2,3,4]: vars 2/3 each, cov 2/3, mean gap 1 -> 2*(2/3)/(2/3+2/3+1) = 4/7
     m = dir_metrics([1, 2, 3], [2, 3, 4], [2, 3, 4])

@@ -50,7 +50,8 @@ def dir_metrics(
 ) -> dict[str, float]:
     """`{region}/{mae,gm,count}` for region in all/many/medium/few (regions from the TRAINING counts
     per bin), plus all/rmse, pearson, spearman, ccc, std_ratio (population std pred / std target, the
-    regression-to-the-mean diagnostic) and exact. Empty region: mae and gm NaN, count 0."""
+    regression-to-the-mean diagnostic), exact, and distinct_predictions (how many different values the
+    predictions take: a model that collapsed to one answer has 1). Empty region: mae and gm NaN, count 0."""
     from orchestrator.methods.metrics import ccc  # lazy: rewards imports parse_answer from here
 
     preds = np.asarray(preds, dtype=np.float64)
@@ -72,6 +73,7 @@ def dir_metrics(
     out["all/ccc"] = ccc(preds.tolist(), targets.tolist()) if n else nan
     out["all/std_ratio"] = nan if _constant(targets) else float(preds.std() / targets.std())
     out["all/exact"] = float((errors < floor).mean()) if n else nan
+    out["all/distinct_predictions"] = float(len(np.unique(preds)))
     return out
 
 
