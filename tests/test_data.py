@@ -157,3 +157,25 @@ def test_compact_prompts_keep_the_features_and_drop_the_words():
         load_run_config(
             overrides=["data.name=digit-count", "data.prompt_style=compact", "model.tiny.architecture=smolvlm"]
         )
+
+
+def test_the_label_range_is_the_whole_datasets_not_the_training_subsets(tmp_path):
+    """A 300-film training subset misses the rarest ratings, but the label range (format reward, MAE scale,
+    RvTC centres, parse-failure penalties) spans every rating of the dataset, 1.0 to 10.0 (x10)."""
+    built = build_dataset(DataConfig(name="movies", root=str(tmp_path), train_size=300, max_per_label=5))
+    train = built.load("train").column("target").to_numpy()
+    assert train.min() > 10 or train.max() < 100  # the subset alone would give a narrower range
+    assert (built.label_min, built.label_max) == (10.0, 100.0)
+    for split in ("val", "test"):
+        targets = built.load(split).column("target").to_numpy()
+        assert built.label_min <= targets.min() and targets.max() <= built.label_max
+
+
+def test_a_new_builder_version_is_a_new_fingerprint(monkeypatch):
+    """Builds are cached by fingerprint: a builder that writes different splits or meta for the same config
+    bumps its version, so no cached build of the old one is reused."""
+    import orchestrator.config.data as data_config
+
+    before = DataConfig(name="movies").fingerprint()
+    monkeypatch.setattr(data_config, "DATA_BUILD_VERSION", data_config.DATA_BUILD_VERSION + 1)
+    assert DataConfig(name="movies").fingerprint() != before

@@ -10,6 +10,10 @@ from pydantic import Field, model_validator
 
 from orchestrator.config.base import StrictSection, expand_dotted, resolve_path
 
+# Part of every dataset fingerprint, hence of the build cache's key: raised whenever the builder writes
+# different splits or meta.json for the same config, so a build cached by an older builder is never reused.
+DATA_BUILD_VERSION = 2
+
 
 class DigitCountConfig(StrictSection):
     """The constructed `digit-count` task: canvases of K real handwritten digits (scikit-learn's digits),
@@ -129,8 +133,7 @@ class DataConfig(StrictSection):
         """Stable short hash of everything that changes the built splits (root excluded). A section of
         dataset options counts only for its own dataset; a manifest counts with its file's size and mtime."""
         payload = self.model_dump(exclude={"root", "digit_count", "manifest", "prompt_style"})
-        # The default is left out of the payload so that adding the option did not change the fingerprint,
-        # hence the cache key, of any existing build.
+        payload["build_version"] = DATA_BUILD_VERSION
         if self.prompt_style != "full":
             payload["prompt_style"] = self.prompt_style
         if self.name == "digit-count":

@@ -127,7 +127,8 @@ def build_dataset(cfg: DataConfig, *, force: bool = False) -> BuiltDataset:
         if len(part) == 0:
             raise _empty_split_error(cfg, split, given)
         tables[split] = _split_table(part, counts, step, cfg)
-    meta = _build_meta(cfg, spec, step, given, counts, tables)
+    label_range = (float(frame["target"].min()), float(frame["target"].max()))
+    meta = _build_meta(cfg, spec, step, given, counts, tables, label_range)
     if meta["has_images"]:
         meta["images"] = summarize_images(frame["image"].iloc[np.concatenate([rows[s] for s in SPLITS])])
     _write_atomically(target_dir, tables, meta)
@@ -175,17 +176,19 @@ def _region_sizes(table: pa.Table) -> dict[str, int]:
     return {r: int((regions == r).sum()) for r in REGIONS}
 
 
-def _build_meta(cfg: DataConfig, spec, step: float, given: bool, counts: dict[int, int], tables: dict) -> dict:
+def _build_meta(cfg: DataConfig, spec, step: float, given: bool, counts: dict[int, int], tables: dict,
+                label_range: tuple[float, float]) -> dict:
     """meta.json: what the dataset is, its label range and shot thresholds, split and region sizes, and
-    the config it was built from."""
-    train_targets = tables["train"].column("target").to_numpy()
+    the config it was built from. The label range is the whole dataset's (every split, before the training
+    subset is drawn): the format reward, the MAE reward's scale, the RvTC centres and the parse-failure
+    penalty must reach every test target, not only those the training subset happened to draw."""
     return {
         "name": cfg.name,
         "description": spec.description,
         "target": spec.target_description,
         "label_step": step,
-        "label_min": float(train_targets.min()),
-        "label_max": float(train_targets.max()),
+        "label_min": label_range[0],
+        "label_max": label_range[1],
         "many_threshold": cfg.many_threshold,
         "few_threshold": cfg.few_threshold,
         "seed": cfg.seed,
@@ -218,7 +221,8 @@ def _write_atomically(target_dir: Path, tables: dict[str, pa.Table], meta: dict)
 def describe(built: BuiltDataset, width: int = 50, max_lines: int = 50) -> str:
     """Split sizes, region sizes, and a text histogram of the training labels per bin."""
     m = built.meta
-    lines = [f"{m['name']}: {m['description']}", f"target: {m['target']} (label step {m['label_step']:g})"]
+    lines = [f"{m['name']}: {m['description']}",
+             f"target: {m['target']} (label step {m['label_step']:g}, range {m['label_min']:g} to {m['label_max']:g})"]
     if m.get("images"):
         im = m["images"]
         sizes = {tuple(im["min_size"]), tuple(im["max_size"])}

@@ -16,7 +16,7 @@ from orchestrator.methods.rvtc import attach_rvtc_head, head_logits, nearest_bin
 
 class RvtcParams(MethodParams):
     rvtc_bins: int = Field(
-        51, ge=2, description="`rvtc`: K, bins with evenly spaced centres over the training label range "
+        51, ge=2, description="`rvtc`: K, bins with evenly spaced centres over the dataset's label range "
         "(RvTC, seed 002: 51).",
     )
 
