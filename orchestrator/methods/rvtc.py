@@ -31,7 +31,7 @@ def bin_centres(label_min: float, label_max: float, bins: int) -> torch.Tensor:
         raise ValueError(f"rvtc needs at least 2 bins, got {bins}")
     if not label_max > label_min:
         raise ValueError(
-            f"rvtc needs a training label range, got min {label_min} and max {label_max} (constant labels)"
+            f"rvtc needs a label range, got min {label_min} and max {label_max} (constant labels)"
         )
     return torch.linspace(float(label_min), float(label_max), bins, dtype=torch.float64)
 
