@@ -179,3 +179,21 @@ def test_a_new_builder_version_is_a_new_fingerprint(monkeypatch):
     before = DataConfig(name="movies").fingerprint()
     monkeypatch.setattr(data_config, "DATA_BUILD_VERSION", data_config.DATA_BUILD_VERSION + 1)
     assert DataConfig(name="movies").fingerprint() != before
+
+
+def test_every_dataset_of_the_paper_grid_has_all_three_shot_regions(tmp_path):
+    """ablations/paper.yaml reports MAE and GM per shot region for each dataset it names: each one, built as
+    its cells build it, has many-, medium- and few-shot items in its test split (diamonds binned at 500
+    dollars had no few-shot item at all)."""
+    from pathlib import Path
+
+    from orchestrator.sweep.grid import expand_cells, load_ablation
+
+    ablation, base = load_ablation(Path(__file__).parents[1] / "ablations" / "paper.yaml")
+    cells, _ = expand_cells(ablation, base)
+    datasets = {cell.cfg.data.fingerprint(): cell.cfg.data for cell in cells}
+    assert sorted(d.name for d in datasets.values()) == ["diamonds", "doctor-visits", "movies"]
+    for data in datasets.values():
+        built = build_dataset(data.model_copy(update={"root": str(tmp_path)}))
+        regions = built.meta["regions"]["test"]
+        assert min(regions["many"], regions["medium"], regions["few"]) > 0, (data.name, regions)

@@ -154,8 +154,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "movies": DatasetSpec(
         "movies", movies_frame, 1.0, "ggplot2 movies: 58,788 IMDb films", "IMDb rating x10, integers 10-100",
     ),
+    # Bins of 100 dollars: at the DIR thresholds (many > 100, few < 20) the top prices form a few-shot region
+    # (598 test items at max_per_label 30); bins of 500 would leave it empty.
     "diamonds": DatasetSpec(
-        "diamonds", diamonds_frame, 500.0, "ggplot2 diamonds: 53,940 round-cut diamonds", "price in US dollars"
+        "diamonds", diamonds_frame, 100.0, "ggplot2 diamonds: 53,940 round-cut diamonds", "price in US dollars"
     ),
     "doctor-visits": DatasetSpec(
         "doctor-visits",
