@@ -76,7 +76,11 @@ class TrackingConfig(StrictSection):
     # MLflow refuses an empty name (and one over 500 characters) only when it creates the experiment.
     experiment: str = Field("orchestrator", min_length=1, max_length=500, description="MLflow experiment.")
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the local SQLite store.")
-    log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+    log_every: int | None = Field(
+        None, ge=1, description="Log train metrics (and print rank 0's progress line) every N steps of every stage; "
+        "None: each stage at its own cadence, every max(1, steps // 20) steps (20 points a stage). A stage's own "
+        "log_every wins over this.",
+    )
     flush_timeout_s: float = Field(
         300.0, ge=0, description="At the end of a run, how long to wait for an unreachable tracking store before "
         "failing the run with the unsent metrics saved locally (training itself never waits on the store).",

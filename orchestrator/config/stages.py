@@ -50,6 +50,10 @@ class StageBase(StrictSection):
     max_grad_norm: float = Field(
         1.0, ge=0, description="Clip the 2-norm of all gradients to this before each update; 0 does not clip."
     )
+    log_every: int | None = Field(
+        None, ge=1, description="Log this stage's train metrics every N steps; None: tracking.log_every, or when "
+        "that is None too, every max(1, steps // 20) steps.",
+    )
 
     def optimizer_steps(self) -> int:
         """Optimizer (and lr-schedule) steps the stage takes: one per step; its micro-batches accumulate."""

@@ -39,8 +39,9 @@ class StageContext:
         return Stopwatch(self.timings)
 
     def log_due(self, done: int, total: int) -> bool:
-        """Whether train metrics are logged after `done` of `total` steps (always at the stage's end)."""
-        return done % self.cfg.tracking.log_every == 0 or done == total
+        """Whether train metrics are logged after `done` of `total` steps of this stage (always at its end)."""
+        return done % log_interval(self.cfg.pipeline[self.stage_index], self.cfg.tracking.log_every, total) == 0 \
+            or done == total
 
     def checkpoint_due(self, done: int, total: int) -> bool:
         return done % self.cfg.checkpoint.every_steps == 0 or done == total
@@ -60,6 +61,12 @@ class StageContext:
         from orchestrator.modeling.vision import ImageBatch
 
         return ImageBatch.from_bytes(self.processor, [images[int(i)] for i in rows])
+
+
+def log_interval(stage, tracking_every: int | None, total: int) -> int:
+    """Steps between two logs of a stage of `total` steps: the stage's own log_every, else tracking.log_every,
+    else max(1, total // 20), so every stage gets about 20 points whatever its length."""
+    return stage.log_every or tracking_every or max(1, total // 20)
 
 
 def start_engine(ctx: StageContext, stage, resume_dir: str | None):
