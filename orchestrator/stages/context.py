@@ -40,8 +40,8 @@ class StageContext:
 
     def log_due(self, done: int, total: int) -> bool:
         """Whether train metrics are logged after `done` of `total` steps of this stage (always at its end)."""
-        return done % log_interval(self.cfg.pipeline[self.stage_index], self.cfg.tracking.log_every, total) == 0 \
-            or done == total
+        every = log_interval(self.cfg.pipeline[self.stage_index], self.cfg.tracking.log_every, total)
+        return done % every == 0 or done == total
 
     def checkpoint_due(self, done: int, total: int) -> bool:
         return done % self.cfg.checkpoint.every_steps == 0 or done == total
