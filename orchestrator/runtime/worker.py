@@ -228,8 +228,12 @@ class Worker:
         """The evaluation, predictions and plots, then the run's phases on rank 0's clock (logged here, not
         reported: fit() returns only the latest checkpoint's metrics; the driver dates the workers' end by
         this metric's timestamp). Everything queued reaches the store, or the run fails loudly."""
+        from orchestrator.stages.evaluation import collapse_tags
+
         with watch("tracking"):
             self.logger.log_metrics(metrics, step)
+            for tag, value in collapse_tags(predictions).items():  # a model answering nearly one number
+                self.logger.set_tag(tag, value)
             log_predictions(self.logger, predictions, self.dataset)
         self.timings["worker_total"] = elapsed
         self.logger.log_metrics({f"time/{k}_s": v for k, v in self.timings.items()}, step)

@@ -17,7 +17,7 @@ from orchestrator.methods.answers import format_answer, resolve_parse_failures
 from orchestrator.methods.metrics import dir_metrics, evaluate_texts
 from orchestrator.modeling.generation import decode_completions, generate
 from orchestrator.stages.context import StageContext
-from orchestrator.tracking.conventions import PREDICTIONS_LABEL_STEP
+from orchestrator.tracking.conventions import COLLAPSE_REASON_TAG, COLLAPSED_TAG, PREDICTIONS_LABEL_STEP
 
 
 def eval_rows(n: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -145,3 +145,17 @@ def prediction_table(table: pa.Table, texts: list[str], values: list, scored: li
         "scored": pa.array(scored, pa.float64()),
     }
     return pa.table(columns).replace_schema_metadata({PREDICTIONS_LABEL_STEP: repr(float(label_step))})
+
+
+def collapse_tags(predictions: dict[str, pa.Table]) -> dict[str, str]:
+    """The run's collapse tags from its test predictions, by the rule the tables mark cells with (METHODS §6:
+    fewer than 3 distinct scored values, or their std below 5% of the labels'): collapsed "true" with the
+    reason, or "false"; none without a test split."""
+    from orchestrator.reporting.uncertainty import collapsed  # pure numpy, the tables' own rule
+
+    table = predictions.get("test")
+    if table is None:
+        return {}
+    scored = np.asarray(table.column("scored").to_pylist(), dtype=np.float64)
+    reason = collapsed(scored, np.asarray(table.column("target").to_pylist(), dtype=np.float64))
+    return {COLLAPSED_TAG: "false"} if reason is None else {COLLAPSED_TAG: "true", COLLAPSE_REASON_TAG: reason}

@@ -25,6 +25,10 @@ RESUMED_FROM_TAG = "orchestrator.resumed_from"
 WORKER_THREADS_TAG = "orchestrator.worker_threads"
 WORKER_MALLOC_TAG = "orchestrator.worker_malloc"
 WORKER_NODE_TAG = "orchestrator.worker_node"  # the Ray node id where rank 0 last started
+# "true" when a run's test predictions collapsed (METHODS §6: fewer than 3 distinct values, or a std below 5%
+# of the labels'), "false" otherwise; COLLAPSE_REASON_TAG says which.
+COLLAPSED_TAG = "orchestrator.collapsed"
+COLLAPSE_REASON_TAG = "orchestrator.collapse_reason"
 # A run's predictions/{split}.parquet keeps the label step (GM's error floor) under this schema metadata key.
 PREDICTIONS_LABEL_STEP = b"orchestrator.label_step"
 
