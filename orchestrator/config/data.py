@@ -103,7 +103,9 @@ class DataConfig(StrictSection):
     )
     many_threshold: int = Field(100, ge=1, description="A bin with more training samples than this is 'many'.")
     few_threshold: int = Field(20, ge=1, description="A bin with fewer training samples than this is 'few'.")
-    seed: int = Field(0, description="Seed of the split; independent of the training seed.")
+    seed: int = Field(
+        0, description="Seed of the split and of the eval.max_samples subset; independent of the training seed."
+    )
     prompt_style: Literal["full", "compact"] = Field(
         "full",
         description="full: an instruction, one 'Name: value' line per feature, the answer format. compact: the "

@@ -31,7 +31,10 @@ class EvalConfig(StrictSection):
         "target (the worst error); exclude: left out of the error metrics; random: a uniform value over the "
         "label range (as the official CCC-GRPO code). Failures are counted in parse_fail_rate either way.",
     )
-    max_samples: int | None = Field(None, ge=1, description="Cap per split (keeps CPU runs short).")
+    max_samples: int | None = Field(
+        None, ge=1, description="Cap per split (keeps CPU runs short): a subset drawn with data.seed, so every run "
+        "of a sweep scores the same items (METHODS §6).",
+    )
 
 
 class ScalingConfig(StrictSection):
@@ -96,8 +99,9 @@ class RunConfig(StrictSection):
         "a run across restarts.",
     )
     seed: int = Field(
-        42, description="Run seed: torch on each worker (seed + rank; rollout sampling), each stage's batch order, "
-        "the eval.max_samples subset and `random` parse failures. model.init_seed and data.seed are separate.",
+        42, description="Run seed: torch on each worker (seed + rank; rollout sampling), each stage's batch order "
+        "and `random` parse failures. model.init_seed and data.seed (the splits and the eval.max_samples subset) "
+        "are separate.",
     )
     storage_path: str = Field("results", description="Ray Train storage: checkpoints and run state.")
     data: DataConfig = Field(default_factory=DataConfig, description="The dataset and its DIR splits.")
