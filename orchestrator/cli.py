@@ -33,6 +33,12 @@ def _run_failures():
     return (TrackingUnavailable, RunFailed)
 
 
+def _run_stopped():
+    from orchestrator.runtime.driver import RunStopped
+
+    return RunStopped
+
+
 def _user_errors():
     from orchestrator.data import DataError
     from orchestrator.modeling.models import ModelError
@@ -70,7 +76,7 @@ def cmd_train(args) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     start = time.perf_counter()
-    outcome = run_training(cfg, max_failures=args.max_failures)
+    outcome = run_training(cfg, max_failures=args.max_failures, allow_changed_resume=args.allow_changed_resume)
     elapsed = time.perf_counter() - start
     print()
     print(f"## {cfg.name}: {cfg.pipeline_label()} on {cfg.data.name} ({elapsed:.0f} s)")
@@ -163,7 +169,8 @@ def cmd_sweep(args) -> int:
         print(format_cells(plan.ablation, plan.cells, plan.notes))
         print(f"\nevery cell is valid; it would log to experiment {plan.experiment!r} at {plan.tracking_uri}")
         return 0
-    outcome = run_sweep(args.ablation, args.overrides, resume=args.resume)
+    outcome = run_sweep(args.ablation, args.overrides, resume=args.resume,
+                        allow_changed_resume=args.allow_changed_resume)
     print()
     print(outcome.table_markdown)
     print()
@@ -253,7 +260,8 @@ EXAMPLES = """examples:
   orchestrator train my_run.yaml                    # one run
   orchestrator sweep ablations/quick.yaml --dry-run # the cells of an ablation grid
 
-exit status: 0 done, 1 a run (or a sweep cell) failed, 2 a user error (bad config, data, model or flag)."""
+exit status: 0 done, 1 a run (or a sweep cell) failed, 2 a user error (bad config, data, model or flag,
+or a run another process is writing), 143 stopped by SIGTERM at a checkpoint (rerun to resume)."""
 
 
 def subcommand(sub, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
@@ -278,8 +286,17 @@ def add_train_parser(sub) -> None:
     p.add_argument(
         "--max-failures", type=int, default=0, help="worker-group restarts allowed (from the latest checkpoint)"
     )
+    add_changed_resume_flag(p)
     add_verbose_flag(p)
     p.set_defaults(func=cmd_train)
+
+
+def add_changed_resume_flag(p) -> None:
+    p.add_argument(
+        "--allow-changed-resume", action="store_true",
+        help="continue an unfinished run even though its config, world size or orchestrator version changed "
+        "(refused otherwise); the run is tagged with what changed and the new config logged beside the old",
+    )
 
 
 def add_verbose_flag(p) -> None:
@@ -299,6 +316,7 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the base run config, e.g. data.train_size=1000")
     p.add_argument("--dry-run", action="store_true", help="validate every cell and print them; train nothing")
     p.add_argument("--resume", action="store_true", help="continue this sweep: finished cells are not rerun")
+    add_changed_resume_flag(p)
     add_verbose_flag(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -448,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except _run_stopped() as exc:  # SIGTERM: stopped at a step boundary with a checkpoint
+        from orchestrator.runtime.stopping import EXIT_STOPPED
+
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except _run_failures() as exc:  # a run that started and failed: its cause in one line, not Ray's traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -82,7 +82,8 @@ def test_zero3_chain_resumes_mid_grpo_with_its_reference(tmp_path, ray_cluster):
     first = run_training(make_cfg(tmp_path, *common, "pipeline.1.steps=2"))
     client = MlflowClient(first.tracking_uri)
     client.set_terminated(first.run_id, status="FAILED")  # as if it had been interrupted after GRPO step 2
-    second = run_training(make_cfg(tmp_path, *common, "pipeline.1.steps=4"))
+    # a longer GRPO stage is a changed config: resumed only when allowed
+    second = run_training(make_cfg(tmp_path, *common, "pipeline.1.steps=4"), allow_changed_resume=True)
     assert second.run_id == first.run_id
     run = client.get_run(second.run_id)
     assert run.data.tags["orchestrator.resumed_from"] == "stage 1 step 2"

@@ -4,6 +4,7 @@ One Ray cluster for the module (starting one costs seconds); each test has its o
 dataset folder and Ray Train storage.
 """
 
+import json
 import math
 import os
 from pathlib import Path
@@ -111,15 +112,18 @@ def test_zero0_workers_average_gradients_through_shared_memory(tmp_path, ray_clu
 
 def test_restarted_run_resumes_from_checkpoint(tmp_path, ray_cluster):
     """A run stopped after 10 of 20 steps, restarted with the same name and storage, continues at step 10
-    into the same MLflow run."""
+    into the same MLflow run (its stage made longer: a changed config, so only with allow_changed_resume,
+    and the run says what changed)."""
     first = make_cfg(tmp_path, "name=resume", "pipeline.0.steps=10", "checkpoint.every_steps=10")
     out1 = run_training(first)
     # Same run identity, longer stage: Ray Train restores its latest checkpoint (stage 0, step 10).
     second = make_cfg(tmp_path, "name=resume", "pipeline.0.steps=20", "checkpoint.every_steps=10")
     client = MlflowClient(out1.tracking_uri)
     client.set_terminated(out1.run_id, status="FAILED")  # as if it had been interrupted
-    out2 = run_training(second)
+    out2 = run_training(second, allow_changed_resume=True)
     assert out2.run_id == out1.run_id
     steps = [s for s, _ in metric_history(out2.tracking_uri, out2.run_id, "train/loss")]
     assert steps == [5, 10, 15, 20], steps  # no step re-run, none missing
-    assert client.get_run(out2.run_id).data.tags["orchestrator.resumed_from"] == "stage 0 step 10"
+    tags = client.get_run(out2.run_id).data.tags
+    assert tags["orchestrator.resumed_from"] == "stage 0 step 10"
+    assert "pipeline.0.steps: 10 -> 20" in json.loads(tags["orchestrator.resume_changes"])[0]["changes"]

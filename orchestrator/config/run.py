@@ -73,6 +73,17 @@ class CheckpointConfig(StrictSection):
     num_to_keep: int = Field(2, ge=1, description="Most recent checkpoints kept; older ones are deleted.")
 
 
+class GuardConfig(StrictSection):
+    """What a run does when training goes numerically wrong."""
+
+    on_nonfinite: Literal["fail", "skip_step"] = Field(
+        "fail",
+        description="A non-finite (NaN or infinite) training loss or gradient norm: fail: the run fails, naming "
+        "the stage and step; skip_step: that optimizer step is skipped (no update; the lr schedule still "
+        "advances), and the skipped steps are counted in the metric train/skipped_steps.",
+    )
+
+
 class TrackingConfig(StrictSection):
     """Where the run is logged (MLflow)."""
 
@@ -104,6 +115,11 @@ class RunConfig(StrictSection):
         "are separate.",
     )
     storage_path: str = Field("results", description="Ray Train storage: checkpoints and run state.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Wall-clock budget of the whole run in seconds (from its start to its evaluation); "
+        "a run over it is stopped and FAILED with 'timed out after N s'. None: no limit. An ablation's own "
+        "timeout_s overrides it for every cell.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="The dataset and its DIR splits.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
     pipeline: list[Stage] = Field(
@@ -116,6 +132,7 @@ class RunConfig(StrictSection):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and their resources.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Non-finite losses and gradients.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 
     @model_validator(mode="before")

@@ -13,10 +13,12 @@ from orchestrator.engine.storage import Storage
 from orchestrator.runtime.preflight import PreparedRun, check_cluster, cluster_spans_nodes, prepare_run
 from orchestrator.runtime.ray_setup import configure_ray_train, init_ray, verbose
 from orchestrator.runtime.shipping import ship_dataset, ship_model
+from orchestrator.runtime.stopping import clear_stop, on_sigterm, request_stop, stop_reason
 from orchestrator.runtime.worker import train_loop_per_worker
+from orchestrator.stages.guards import STOPPED_METRIC
 from orchestrator.stages.timing import Stopwatch
 from orchestrator.tracking.conventions import tracking_client
-from orchestrator.tracking.runs import finish_run, start_or_resume_run
+from orchestrator.tracking.runs import check_can_start, finish_run, run_lease, start_or_resume_run
 
 
 class RunFailed(RuntimeError):
@@ -28,6 +30,14 @@ class RunFailed(RuntimeError):
         if quarantined:
             text += "; incomplete checkpoints set aside: " + ", ".join(quarantined)
         super().__init__(text)
+
+
+class RunStopped(RunFailed):
+    """A run stopped on request (SIGTERM) at a step boundary, its checkpoint saved there: a rerun resumes."""
+
+    def __init__(self, name: str, reason: str):
+        self.cause, self.quarantined = reason, []
+        RuntimeError.__init__(self, f"run {name!r} stopped: {reason}")
 
 
 def root_cause(exc: BaseException) -> str:
@@ -56,33 +66,76 @@ def run_training(
     max_failures: int = 0,
     prepared: PreparedRun | None = None,
     extra_tags: dict[str, str] | None = None,
+    allow_changed_resume: bool = False,
 ) -> RunOutcome:
     """Everything that can fail on bad input happens before an MLflow run exists or a worker starts:
-    the preflight checks, then (Ray up) the checks of what the cluster's nodes can reach."""
+    the preflight checks, whether another process writes this run and whether a restart would change its
+    setup, then (Ray up) the checks of what the cluster's nodes can reach. The run's lease is held, and
+    heartbeated, from before its MLflow run is created or resumed until it ends."""
     t_run = time.perf_counter()
+    deadline = time.time() + cfg.timeout_s if cfg.timeout_s else None
     driver: dict[str, float] = {}
     watch = Stopwatch(driver)
     with watch("prepare"):
         prepared = prepared or prepare_run(cfg)
+        check_can_start(cfg, allow_changed_resume)
     with watch("ray_init"):
         init_ray()
     spans_nodes = cluster_spans_nodes(cfg)
     check_cluster(cfg, prepared.tracking_uri, spans_nodes)
     uri = prepared.tracking_uri
+    lease = run_lease(cfg)
     with watch("tracking_setup"):
-        run_id = start_or_resume_run(cfg, parent_run_id, extra_tags)
+        lease.acquire()
     try:
-        fit_ended_at = fit_workers(cfg, prepared, run_id, max_failures, spans_nodes, watch)
+        with watch("tracking_setup"):
+            run_id = start_or_resume_run(cfg, parent_run_id, extra_tags, allow_changed_resume)
+        lease.start_heartbeat()
+        fit_ended_at = fit_or_mark(cfg, prepared, run_id, max_failures, spans_nodes, watch, deadline)
+        log_run_timings(uri, run_id, cfg, driver, fit_ended_at, t_run)
+        finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s)
+    finally:
+        lease.release()
+    metrics = tracking_client(uri).get_run(run_id).data.metrics
+    return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)
+
+
+def stop_markers(cfg: RunConfig) -> list[str]:
+    """Where a stop of this run may be requested: its own folder (`orchestrator train`) and its storage
+    root (a sweep's, for all its cells)."""
+    return [run_storage(cfg).root, Storage(resolve_storage(cfg.storage_path)).root]
+
+
+def fit_or_mark(cfg: RunConfig, prepared: PreparedRun, run_id: str, max_failures: int, spans_nodes: bool,
+                watch: Stopwatch, deadline: float | None) -> float:
+    """The Ray Train job, a SIGTERM meanwhile turned into a stop at the next step boundary; a failure or a
+    stop is marked on the run (FAILED with its cause, KILLED with its reason) and raised. Returns when fit()
+    did."""
+    uri, own_folder = prepared.tracking_uri, run_storage(cfg)
+    clear_stop(own_folder)  # a stop requested of an earlier start does not stop this one
+    try:
+        with on_sigterm(lambda reason: request_stop(own_folder, reason)):
+            fit = fit_workers(cfg, prepared, run_id, max_failures, spans_nodes, watch, deadline)
     except BaseException as exc:
-        failure = RunFailed(cfg.name, root_cause(exc), set_aside_incomplete(cfg))
+        cause = timed_out(cfg, deadline) or root_cause(exc)
+        failure = RunFailed(cfg.name, cause, set_aside_incomplete(cfg))
         finish_run(uri, run_id, failure, retry_for_s=cfg.tracking.flush_timeout_s)
         if isinstance(exc, Exception):
             raise failure from exc
         raise
-    log_run_timings(uri, run_id, cfg, driver, fit_ended_at, t_run)
-    finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s)
-    metrics = tracking_client(uri).get_run(run_id).data.metrics
-    return RunOutcome(run_id=run_id, tracking_uri=uri, experiment=cfg.tracking.experiment, metrics=metrics)
+    if fit.stopped_at is not None:
+        reason = next(filter(None, (stop_reason(Storage(m)) for m in stop_markers(cfg))), "stop requested")
+        text = f"{reason}: stopped at step {fit.stopped_at} with a checkpoint there; rerun to resume from it"
+        finish_run(uri, run_id, retry_for_s=cfg.tracking.flush_timeout_s, stopped=text)
+        raise RunStopped(cfg.name, text)
+    return fit.ended_at
+
+
+def timed_out(cfg: RunConfig, deadline: float | None) -> str | None:
+    """The failure's cause when the run's time budget is spent (the deadline ended it), else None."""
+    if deadline is not None and time.time() >= deadline - 1.0:
+        return f"timed out after {cfg.timeout_s:g} s (timeout_s)"
+    return None
 
 
 def set_aside_incomplete(cfg: RunConfig) -> list[str]:
@@ -95,9 +148,16 @@ def set_aside_incomplete(cfg: RunConfig) -> list[str]:
         return []
 
 
+@dataclass
+class FitResult:
+    ended_at: float  # when fit() returned
+    stopped_at: int | None  # the global step of the checkpoint a requested stop ended on, else None
+
+
 def fit_workers(cfg: RunConfig, prepared: PreparedRun, run_id: str, max_failures: int, spans_nodes: bool,
-                watch: Stopwatch) -> float:
-    """Ship what the workers need through storage, then the Ray Train job; returns when fit() did."""
+                watch: Stopwatch, deadline: float | None = None) -> FitResult:
+    """Ship what the workers need through storage, then the Ray Train job (ended at `deadline` if it
+    runs that long); returns when fit() did."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -107,6 +167,13 @@ def fit_workers(cfg: RunConfig, prepared: PreparedRun, run_id: str, max_failures
         dataset = ship_dataset(storage, prepared.dataset)
         model = ship_model(storage, cfg.model, prepared.model_source, same_machine=not spans_nodes)
     configure_ray_train()
+    callbacks = []
+    if deadline is not None:
+        from orchestrator.runtime.deadline import RunDeadline
+
+        if time.time() >= deadline:
+            raise TimeoutError(f"the time budget ran out before training started (timeout_s={cfg.timeout_s:g})")
+        callbacks.append(RunDeadline(deadline, cfg.name))
     fit_started_at = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -118,6 +185,7 @@ def fit_workers(cfg: RunConfig, prepared: PreparedRun, run_id: str, max_failures
             "run_id": run_id,
             "spool": run_storage(cfg).root,
             "fit_started_at": fit_started_at,
+            "stop_markers": stop_markers(cfg),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -131,12 +199,14 @@ def fit_workers(cfg: RunConfig, prepared: PreparedRun, run_id: str, max_failures
             failure_config=FailureConfig(max_failures=max_failures),
             # Ray Train's own per-report lines only with --verbose; the workers print the run's progress.
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+            callbacks=callbacks,
         ),
     )
-    trainer.fit()
+    result = trainer.fit()
     fit_ended_at = time.time()
     watch.add("fit", fit_ended_at - fit_started_at)
-    return fit_ended_at
+    stopped = (result.metrics or {}).get(STOPPED_METRIC)
+    return FitResult(fit_ended_at, None if stopped is None else int(stopped))
 
 
 def log_run_timings(uri: str, run_id: str, cfg: RunConfig, driver: dict[str, float], fit_ended_at: float,

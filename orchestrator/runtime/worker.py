@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.data import load_built
-from orchestrator.engine.checkpoints import STATE_FILE, verify_checkpoint, write_manifest
+from orchestrator.engine.checkpoints import STATE_FILE, previous_complete, verify_checkpoint, write_manifest
 from orchestrator.engine.deepspeed import shared_gradients_of
 from orchestrator.engine.handoff import handoff_module
 from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
+from orchestrator.engine.storage import Storage
 from orchestrator.modeling.models import (
     add_lora_adapters,
     digit_token_ids,
@@ -30,9 +31,12 @@ from orchestrator.modeling.models import (
 )
 from orchestrator.runtime.ray_setup import verbose
 from orchestrator.runtime.shipping import folder_on_this_node, model_on_this_node
+from orchestrator.runtime.stopping import StopWatcher
 from orchestrator.stages.context import StageContext
+from orchestrator.stages.guards import SKIPPED_METRIC, StopRequested
 from orchestrator.stages.timing import Stopwatch
 from orchestrator.tracking.conventions import (
+    DAMAGED_CHECKPOINT_TAG,
     RESUMED_FROM_TAG,
     WORKER_MALLOC_TAG,
     WORKER_NODE_TAG,
@@ -57,10 +61,13 @@ class RestorePoint:
     stage_index: int = 0
     step: int = 0
     folder: str | None = None
+    skipped_damaged: str | None = None  # the latest checkpoint, when it failed verification and an older one is used
 
 
-def restore_point() -> RestorePoint:
-    """Ray Train's latest checkpoint, copied locally and verified, or the start of the run."""
+def restore_point(run_dir: str | None = None) -> RestorePoint:
+    """Ray Train's latest checkpoint, copied locally and verified file by file (sizes and sha256), or the
+    start of the run. A damaged latest checkpoint gives way to the newest earlier one in the run's folder
+    `run_dir` that verifies; every worker makes the same choice from the same files."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -69,11 +76,21 @@ def restore_point() -> RestorePoint:
     local = tempfile.mkdtemp(prefix="orchestrator-restore-")
     with ckpt.as_directory() as d:
         shutil.copytree(d, local, dirs_exist_ok=True)
-    problems = verify_checkpoint(local)
-    if problems:  # never resume from half a checkpoint
-        raise RuntimeError(f"checkpoint {ckpt.path} is incomplete: {'; '.join(problems[:5])}")
+    damaged = None
+    problems = verify_checkpoint(local, contents=True)
+    if problems:  # never resume from a damaged checkpoint
+        latest = Path(ckpt.path.rstrip("/")).name
+        shutil.rmtree(local, ignore_errors=True)
+        local = tempfile.mkdtemp(prefix="orchestrator-restore-")
+        found = previous_complete(Storage(run_dir), latest, local) if run_dir else None
+        if found is None:
+            raise RuntimeError(f"checkpoint {ckpt.path} is damaged ({'; '.join(problems[:5])}) and no earlier "
+                               "checkpoint of the run verifies")
+        damaged = f"{latest}: {'; '.join(problems[:3])}"
+        print(f"checkpoint {latest} is damaged ({'; '.join(problems[:3])}); resuming from {found[0]}", flush=True)
+        local = str(found[1])
     state = json.loads((Path(local) / STATE_FILE).read_text())
-    return RestorePoint(int(state["stage_index"]), int(state["step"]), local)
+    return RestorePoint(int(state["stage_index"]), int(state["step"]), local, damaged)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -91,9 +108,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         timings["worker_start"] = entered - float(loop_config["fit_started_at"])
     worker = Worker.start(loop_config, watch)
     with watch("restore"):
-        restore = restore_point()
+        restore = restore_point(loop_config.get("spool"))
     worker.tag_settings(restore)
-    engine, model, offset = run_pipeline(worker, restore, watch)
+    try:
+        engine, model, offset = run_pipeline(worker, restore, watch)
+    except StopRequested as stop:  # its checkpoint is reported: the driver marks the run and a rerun resumes
+        worker.end_stopped(stop, restore)
+        return
     with watch("eval"):
         context = worker.stage_context(len(worker.cfg.pipeline), offset, model, lambda *a: None)
         metrics, predictions = evaluate_model(context, engine if engine is not None else model)
@@ -117,6 +138,7 @@ def run_pipeline(worker: Worker, restore: RestorePoint, watch: Stopwatch):
                 model = handoff_module(engine).to(worker.device)
         model = add_lora_adapters(model, cfg.model.lora)  # fresh adapters per stage (no-op without LoRA)
         ctx = worker.stage_context(index, offset, model, functools.partial(worker.save_checkpoint, index))
+        ctx.stop = worker.stop
         resuming = index == restore.stage_index and restore.folder is not None
         engine = stage_runner(stage.kind)(ctx, stage, restore.step if resuming else 0,
                                           restore.folder if resuming else None)
@@ -139,6 +161,7 @@ class Worker:
     processor: Any  # ImageOnlyProcessor on an image dataset with a vision-language model, else None
     logger: RunLogger | None  # rank 0 only
     timings: dict[str, float]
+    stop: StopWatcher | None = None  # rank 0 only: the stop markers of runtime/stopping.py
 
     @classmethod
     def start(cls, loop_config: dict[str, Any], watch: Stopwatch) -> Worker:
@@ -166,7 +189,8 @@ class Worker:
             logger = None
             if rank == 0:
                 logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool"])
-        return cls(cfg, rank, world, device, model, tokenizer, dataset, processor, logger, watch.timings)
+        stop = StopWatcher(loop_config.get("stop_markers", [])) if rank == 0 else None
+        return cls(cfg, rank, world, device, model, tokenizer, dataset, processor, logger, watch.timings, stop)
 
     def stage_context(self, index: int, offset: int, model, checkpoint) -> StageContext:
         return StageContext(
@@ -196,7 +220,8 @@ class Worker:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="ckpt")
             if self.rank == 0:
-                state = {"stage_index": stage_index, "step": step, "world_size": self.world_size}
+                state = {"stage_index": stage_index, "step": step, "world_size": self.world_size,
+                         "skipped_steps": int(metrics.get(SKIPPED_METRIC, 0))}
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
                 if reference_state is not None:
                     save_file(reference_state, str(Path(tmp) / REFERENCE_FILE))
@@ -213,9 +238,20 @@ class Worker:
             return
         if restore.folder is not None:
             self.logger.set_tag(RESUMED_FROM_TAG, f"stage {restore.stage_index} step {restore.step}")
+        if restore.skipped_damaged:
+            self.logger.set_tag(DAMAGED_CHECKPOINT_TAG, restore.skipped_damaged)
         self.logger.set_tag(WORKER_THREADS_TAG, str(torch.get_num_threads()))
         self.logger.set_tag(WORKER_MALLOC_TAG, os.environ.get("GLIBC_TUNABLES", "glibc default"))
         self.logger.set_tag(WORKER_NODE_TAG, ray.get_runtime_context().get_node_id())
+
+    def end_stopped(self, stop: StopRequested, restore: RestorePoint) -> None:
+        """A stop at a step boundary: no evaluation; rank 0 delivers what it queued (the driver then marks the
+        run KILLED with the reason)."""
+        if restore.folder:
+            shutil.rmtree(restore.folder, ignore_errors=True)
+        if self.logger is not None:
+            print(f"run {self.cfg.name}: {stop}; checkpoint saved", flush=True)
+            self.logger.close(self.cfg.tracking.flush_timeout_s)
 
     def tag_gradient_average(self, stage_index: int, engine) -> None:
         """How this stage's gradients were averaged over the workers."""

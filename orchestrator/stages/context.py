@@ -33,6 +33,8 @@ class StageContext:
     # Seconds per run phase (deepspeed_init, train, checkpoint, ...), summed over stages; rank 0 logs
     # them as time/<phase>_s at the end of the run.
     timings: dict[str, float] = field(default_factory=dict)
+    # runtime.stopping.StopWatcher on rank 0 (a stop requested through storage), None elsewhere
+    stop: Any = None
 
     @property
     def stopwatch(self) -> Stopwatch:

@@ -38,6 +38,7 @@ from orchestrator.modeling.forward import build_sequences, completion_mask, shar
 from orchestrator.modeling.generation import accepts_logits_to_keep, decode_completions, generate
 from orchestrator.modeling.last_layer import enable_last_layer_from
 from orchestrator.stages.context import StageContext, start_engine
+from orchestrator.stages.guards import StepGuard
 from orchestrator.stages.timing import Stopwatch
 
 
@@ -51,6 +52,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
     prompts = PromptSource.from_train_split(ctx, stage)
     keep_only_completions = accepts_logits_to_keep(engine)
     window = StatsWindow()
+    guard = StepGuard.for_stage(ctx, stage, start_step, resume_dir)
     for step in range(start_step, stage.steps):
         started = time.perf_counter()
         watch = window.watch
@@ -62,7 +64,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         with watch("logprobs"):
             forward = LogProbForward.for_rollout(ctx, stage, batch, rollout, keep_only_completions)
             old_logp, ref_logp = fixed_logprobs(engine, reference, forward, stage)
-        totals = policy_update(engine, ctx, stage, forward, scores.advantages, old_logp, ref_logp, watch)
+        totals = policy_update(engine, ctx, stage, forward, scores.advantages, old_logp, ref_logp, watch, guard)
         window.add(StepStats.of_worker(batch, rollout, scores, forward.mask, totals, stage), len(scores.targets))
         done = step + 1
         if ctx.log_due(done, stage.steps):
@@ -72,9 +74,7 @@ def run_grpo_stage(ctx: StageContext, stage: GRPOStage, start_step: int = 0, res
         if ctx.log_due(done, stage.steps):
             ctx.log(window.metrics(per_step, engine, ctx), ctx.global_step_offset + done)
             window = StatsWindow()
-        if ctx.checkpoint_due(done, stage.steps):
-            with ctx.stopwatch("checkpoint"):
-                ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)}, reference)
+        guard.end_step(engine, done, stage.steps, reference)  # checkpoints when due, and stops here when asked to
     return engine
 
 
@@ -279,7 +279,7 @@ class UpdateTotals:
 
 
 def policy_update(engine, ctx: StageContext, stage: GRPOStage, forward: LogProbForward, advantages: torch.Tensor,
-                  old_logp, ref_logp, watch: Stopwatch) -> UpdateTotals:
+                  old_logp, ref_logp, watch: Stopwatch, guard: StepGuard | None = None) -> UpdateTotals:
     """`num_iterations` passes of the clipped objective over the rollout, one optimizer step per chunk."""
     mask = forward.mask
     local_norm = float(LOSS_AGGREGATIONS[stage.loss_aggregation].normaliser(mask))
@@ -298,8 +298,11 @@ def policy_update(engine, ctx: StageContext, stage: GRPOStage, forward: LogProbF
                     eps_high=stage.epsilon_high, aggregation=stage.loss_aggregation,
                 )
                 engine.backward(out["loss_sum"] * scale)
-            with watch("optimizer"):
-                optimizer_step(engine)
+            with watch("optimizer"):  # the guard checks the loss and gradients first (stages/guards.py)
+                if guard is None:
+                    optimizer_step(engine)
+                else:
+                    guard.optimizer_step(engine, out["loss_sum"].detach())
             weight = float(mask[c].sum())
             totals.loss += float(out["loss_sum"].detach())
             totals.kl += float(out["kl_mean"]) * weight

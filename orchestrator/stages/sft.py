@@ -27,6 +27,7 @@ from orchestrator.methods.objectives.base import SFTObjective, build_objective
 from orchestrator.modeling.generation import accepts_logits_to_keep
 from orchestrator.modeling.last_layer import enable_last_layer_from
 from orchestrator.stages.context import StageContext, start_engine
+from orchestrator.stages.guards import StepGuard
 from orchestrator.stages.timing import Stopwatch
 
 
@@ -41,9 +42,10 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
         batches = SFTBatches.from_train_split(ctx, stage, objective)
     engine.train()
     window = LogWindow()
+    guard = StepGuard.for_stage(ctx, stage, start_step, resume_dir)
     for step in range(start_step, stage.steps):
         started = time.perf_counter()
-        step_loss, global_tokens = train_step(engine, objective, batches, step, keep_supervised, ctx.device)
+        step_loss, global_tokens = train_step(engine, objective, batches, step, keep_supervised, ctx.device, guard)
         window.add(step_loss, global_tokens)
         done = step + 1
         if ctx.log_due(done, stage.steps):
@@ -54,9 +56,7 @@ def run_sft_stage(ctx: StageContext, stage: SFTStage, start_step: int = 0, resum
         if ctx.log_due(done, stage.steps):
             ctx.log(window.metrics(global_losses, engine, stage, ctx), ctx.global_step_offset + done)
             window = LogWindow()
-        if ctx.checkpoint_due(done, stage.steps):
-            with ctx.stopwatch("checkpoint"):
-                ctx.checkpoint(engine, done, {"train/step": float(ctx.global_step_offset + done)})
+        guard.end_step(engine, done, stage.steps)  # checkpoints when due, and stops here when asked to
     return engine
 
 
@@ -117,8 +117,10 @@ def length_groups(lengths, groups: int) -> list[np.ndarray]:
     return [run for run in np.array_split(order, min(groups, len(order))) if len(run)]
 
 
-def train_step(engine, objective: SFTObjective, batches: SFTBatches, step: int, keep_supervised: bool, device):
-    """One optimizer step: (this worker's summed loss, the global normaliser)."""
+def train_step(engine, objective: SFTObjective, batches: SFTBatches, step: int, keep_supervised: bool, device,
+               guard: StepGuard | None = None):
+    """One optimizer step: (this worker's summed loss, the global normaliser). The guard checks the loss and
+    gradients before the update (stages/guards.py)."""
     stage, ctx = batches.stage, batches.ctx
     micro_batches = [batches.micro_batch(step, k) for k in range(stage.grad_accum)]
     global_tokens = batches.global_normaliser(step)
@@ -128,7 +130,10 @@ def train_step(engine, objective: SFTObjective, batches: SFTBatches, step: int, 
     for parts in micro_batches:
         loss_sum = micro_batch_loss(engine, objective, parts, keep_supervised, device)
         engine.backward(loss_sum * scale)
-        optimizer_step(engine)
+        if guard is None:
+            optimizer_step(engine)
+        else:
+            guard.optimizer_step(engine, loss_sum.detach())
         step_loss += float(loss_sum.detach())
     return step_loss, global_tokens
 

@@ -25,7 +25,7 @@ from orchestrator.config import (
     set_field,
     validate_run_tree,
 )
-from orchestrator.tracking.conventions import normalize_pipeline
+from orchestrator.tracking.conventions import config_hash, normalize_pipeline
 
 STAGE_KINDS = {"sft": SFTStage, "grpo": GRPOStage}
 
@@ -49,7 +49,14 @@ class AblationConfig(StrictSection):
     )
     baseline: str | None = Field(None, description="Pipeline the tables' Δ rows compare against.")
     max_concurrent: int | None = Field(None, ge=1, description="Cells at once; default: as many as the CPUs/GPUs fit.")
-    max_failures: int = Field(0, ge=0, description="Worker-group restarts per cell (from its latest checkpoint).")
+    max_failures: int = Field(
+        0, ge=0, description="Worker-group restarts per cell (Ray Train's, from its latest checkpoint); a cell "
+        "whose restarts are spent fails, and Tune does not start it again.",
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Wall-clock budget of each cell in seconds, overriding the base's timeout_s; a "
+        "cell over it is FAILED with 'timed out after N s' and the sweep goes on.",
+    )
 
     @field_validator("axes")
     @classmethod
@@ -154,20 +161,55 @@ def _excluded(values: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
     return any(all(_canonical(values.get(k)) == _canonical(v) for k, v in rule.items()) for rule in rules)
 
 
-def _identity(cfg: RunConfig) -> str:
-    """What makes two cells the same run: the config without its name, storage and tracking."""
-    payload = cfg.model_dump(mode="json", exclude={"name", "storage_path", "tracking"})
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _slug(values: dict[str, Any], limit: int = 60) -> str:
-    text = "_".join(re.sub(r"\s*(->|→)\s*", "+", str(v)) for v in values.values())
+    """The swept values in the order of their field names: the name does not follow the axes' order."""
+    text = "_".join(re.sub(r"\s*(->|→)\s*", "+", str(values[k])) for k in sorted(values))
     return re.sub(r"[^A-Za-z0-9_.+\-]+", "-", text).replace("+", "-").strip("-")[:limit] or "base"
 
 
 def _values_hash(values: dict[str, Any]) -> str:
     text = json.dumps({k: _canonical(v) for k, v in values.items()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def canonical_grid(ablation: AblationConfig) -> dict[str, Any]:
+    """The grid as a set, not as spelt: axes by field name with their values sorted, paired groups as sorted
+    rows, exclusions sorted. Reordering the file leaves it unchanged; adding or changing a value does not."""
+
+    def row(values: dict[str, Any]) -> dict[str, str]:
+        return {k: _canonical(values[k]) for k in sorted(values)}
+
+    paired = []
+    for group in ablation.paired:
+        names = list(group)
+        rows = [row(dict(zip(names, values))) for values in zip(*group.values())]
+        paired.append(sorted(rows, key=lambda r: json.dumps(r, sort_keys=True)))
+    return {
+        "axes": {name: sorted(_canonical(v) for v in ablation.axes[name]) for name in sorted(ablation.axes)},
+        "paired": sorted(paired, key=lambda g: json.dumps(g, sort_keys=True)),
+        "exclude": sorted((row(rule) for rule in ablation.exclude), key=lambda r: json.dumps(r, sort_keys=True)),
+    }
+
+
+def grid_fingerprint(ablation: AblationConfig) -> str:
+    return hashlib.sha256(json.dumps(canonical_grid(ablation), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def grid_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs between two canonical grids, one line per axis, paired group list or exclusion list."""
+    lines = []
+    for name in sorted(set(before.get("axes", {})) | set(after.get("axes", {}))):
+        old, new = before.get("axes", {}).get(name), after.get("axes", {}).get(name)
+        if old != new:
+            lines.append(f"axes.{name}: {_listing(old)} -> {_listing(new)}")
+    for part in ("paired", "exclude"):
+        if before.get(part, []) != after.get(part, []):
+            lines.append(f"{part}: {json.dumps(before.get(part, []))} -> {json.dumps(after.get(part, []))}")
+    return lines
+
+
+def _listing(values: list[str] | None) -> str:
+    return "(none)" if values is None else "[" + ", ".join(values) + "]"
 
 
 def base_fingerprint(path: str | Path, ablation: AblationConfig, overrides: list[str] | None) -> str:
@@ -205,7 +247,8 @@ def _apply(base_tree: dict[str, Any], combo: dict[str, Any], stage_fields: list[
 
 def _cell_name(ablation: AblationConfig, applied: dict[str, Any]) -> str:
     """Named by what the ablation sets, not by the whole config: a new config field with a default
-    must not rename the cells of a sweep being resumed."""
+    must not rename the cells of a sweep being resumed. Both parts follow the field names, not the order
+    the axes are listed in."""
     return f"{ablation.name}-{_slug(applied)}-{_values_hash(applied)}"
 
 
@@ -224,7 +267,7 @@ def expand_cells(ablation: AblationConfig, base_tree: dict[str, Any]) -> tuple[l
             cfg, applied, inapplicable = _apply(base_tree, combo, stage_fields, where)
         except ConfigError as exc:
             raise ConfigError(f"ablation {ablation.name!r}, cell {where}:\n{exc}") from None
-        key = _identity(cfg)
+        key = config_hash(cfg)
         if key in seen:
             same = seen[key].label()
             if not inapplicable and not seen[key].inapplicable:
@@ -233,7 +276,10 @@ def expand_cells(ablation: AblationConfig, base_tree: dict[str, Any]) -> tuple[l
                 )
             notes.append(f"{where}: same run as {same} ({', '.join(inapplicable)} does not apply); run once")
             continue
-        cfg = cfg.model_copy(update={"name": _cell_name(ablation, applied)})
+        update: dict[str, Any] = {"name": _cell_name(ablation, applied)}
+        if ablation.timeout_s is not None:
+            update["timeout_s"] = ablation.timeout_s
+        cfg = cfg.model_copy(update=update)
         seen[key] = GridCell(len(cells), applied, cfg, inapplicable)
         cells.append(seen[key])
     if not cells:

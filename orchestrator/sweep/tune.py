@@ -18,6 +18,7 @@ from orchestrator.config import (
     resolve_storage,
 )
 from orchestrator.engine.storage import Storage
+from orchestrator.runtime.stopping import clear_stop, on_sigterm, request_stop, stop_reason
 from orchestrator.sweep.grid import (
     AblationConfig,
     GridCell,
@@ -30,33 +31,40 @@ from orchestrator.sweep.grid import (
     preflight,
 )
 from orchestrator.sweep.progress import SweepProgress, _tune_callback
-from orchestrator.sweep.resume import check_parent, finished_cells, open_parent
+from orchestrator.sweep.resume import check_cells, check_parent, match_cells, open_parent, sweep_lease
 from orchestrator.tracking.conventions import (
     CELL_TAG,
     FAILED_CELLS_TAG,
     SWEEP_TAG,
     TAG_VALUE_LIMIT,
     default_tracking_uri,
+    ensure_experiment,
     normalize_pipeline,
     tracking_client,
 )
-from orchestrator.tracking.runs import mark_failed
+from orchestrator.tracking.runs import mark_failed, mark_stopped
 
 TRIAL_MEMORY = 64 * 1024**2  # what a Tune trial reserves (it only waits on its TorchTrainer)
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node (1.0 there, absent elsewhere)
 
 
-def _cell_trial(config: dict[str, Any], cells: list[dict[str, Any]], parent_run_id: str, home: str, max_failures: int):
-    """One Tune trial = one cell: build and fit the cell's TorchTrainer, then report its test metrics."""
+def _cell_trial(config: dict[str, Any], cells: list[dict[str, Any]], parent_run_id: str, home: str, max_failures: int,
+                allow_changed_resume: bool = False):
+    """One Tune trial = one cell: build and fit the cell's TorchTrainer, then report its test metrics. A cell
+    that would start after the sweep was asked to stop does not start."""
     from ray import tune
 
-    from orchestrator.runtime.driver import run_training
+    from orchestrator.runtime.driver import RunStopped, run_training
 
     os.environ["ORCHESTRATOR_HOME"] = home  # relative paths as the sweep driver saw them, not the trial dir
     cell = cells[config["cell"]]
     cfg = RunConfig.model_validate(cell["config"])
+    reason = stop_reason(Storage(cfg.storage_path))
+    if reason:
+        raise RunStopped(cfg.name, f"{reason}: not started")
     outcome = run_training(
         cfg, parent_run_id=parent_run_id, max_failures=max_failures,
-        extra_tags={SWEEP_TAG: cell["sweep"], CELL_TAG: cell["name"]},
+        extra_tags={SWEEP_TAG: cell["sweep"], CELL_TAG: cell["name"]}, allow_changed_resume=allow_changed_resume,
     )
     tune.report({"cell": cell["name"], **{k: v for k, v in outcome.metrics.items() if k.startswith("test/all/")}})
 
@@ -127,19 +135,21 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     return SweepPlan(ablation, tree, cells, notes, experiment, uri)
 
 
-def _tuner(plan: SweepPlan, todo: list[GridCell], parent: str, progress: SweepProgress):
+def _tuner(plan: SweepPlan, todo: list[GridCell], parent: str, progress: SweepProgress, allow_changed: bool):
     """A Tune grid with one trial per cell still to run, as many at once as the cluster fits."""
     from ray import tune
 
     payload = [{"name": c.name, "sweep": plan.ablation.name, "config": c.cfg.model_dump(mode="json")} for c in todo]
     trainable = tune.with_parameters(
         _cell_trial, cells=payload, parent_run_id=parent, home=str(resolve_path(".")),
-        max_failures=plan.ablation.max_failures,
+        max_failures=plan.ablation.max_failures, allow_changed_resume=allow_changed,
     )
     # The trial only drives its TorchTrainer, whose workers hold the CPUs/GPUs. Even 0.01 CPU per
     # trial would make two 1-CPU cells need 2.02 CPUs of 2 and run one after the other; Tune refuses
-    # an empty request, so a trial asks for a little memory instead.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY})
+    # an empty request, so a trial asks for a little memory instead. It runs on the head node, where the
+    # sweep's driver runs: the trial and its Train controller never go down with a worker node (Tune does
+    # not restart trials).
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY, HEAD_NODE_RESOURCE: 0.001})
     return tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(list(range(len(todo))))},
@@ -148,8 +158,9 @@ def _tuner(plan: SweepPlan, todo: list[GridCell], parent: str, progress: SweepPr
             name=f"{plan.ablation.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=Storage(todo[0].cfg.storage_path).uri("_tune"),
             callbacks=[_tune_callback(progress)],
-            # A trial lost with its node is retried; it resumes its cell from the cell's checkpoint.
-            failure_config=tune.FailureConfig(max_failures=plan.ablation.max_failures),
+            # Restarts are Ray Train's (the ablation's max_failures, from the cell's checkpoint); Tune starting a
+            # failed cell again on top would multiply them.
+            failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,
         ),
     )
@@ -168,12 +179,13 @@ def start_cluster(plan: SweepPlan, out) -> None:
         print(f"workers' output: {worker_logs_dir()} on each node (--verbose prints it here)", file=out, flush=True)
 
 
-def _run_cells(plan: SweepPlan, todo: list[GridCell], parent: str, done_before: int, out) -> dict[str, str]:
+def _run_cells(plan: SweepPlan, todo: list[GridCell], parent: str, done_before: int, out,
+               allow_changed: bool = False) -> dict[str, str]:
     """Train the cells in `todo` as Tune trials; returns {failed cell: its error line}."""
     names = {i: c.name for i, c in enumerate(todo)}
     progress = SweepProgress(names, plan.tracking_uri, plan.experiment, done_before, len(plan.cells), out=out)
     failed: dict[str, str] = {}
-    for result in _tuner(plan, todo, parent, progress).fit():
+    for result in _tuner(plan, todo, parent, progress, allow_changed).fit():
         if result.error is not None:
             name = names[result.config["cell"]]
             failed[name] = progress.failed.get(name) or str(result.error).strip().splitlines()[-1][:300]
@@ -213,32 +225,67 @@ def _close_parent(client, parent: str, failed: dict[str, str]) -> None:
         client.set_terminated(parent, status="FINISHED")
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: bool = False, out=None) -> SweepOutcome:
+def _cells_to_run(plan: SweepPlan, resume: bool, allow_changed: bool, out) -> tuple[set[str], list[GridCell]]:
+    """(the cells finished before, the cells to run now), checked before the cluster starts: none is written
+    by another process, none would resume with a changed setup (unless allowed)."""
+    done, cells = match_cells(plan.cells, plan.tracking_uri, plan.experiment, plan.ablation.name) if resume \
+        else (set(), plan.cells)
+    todo = [c for c in cells if c.name not in done]
+    check_cells(todo, allow_changed)
+    if done:
+        print(f"resuming: {len(done)} cell(s) already finished, {len(todo)} to run", file=out, flush=True)
+    return done, todo
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
+              allow_changed_resume: bool = False, out=None) -> SweepOutcome:
     """Plan the sweep, open its parent run (found again with `resume`), train the cells not finished yet,
-    write the tables, and close the parent: FAILED when a cell failed or the sweep was interrupted."""
+    write the tables, and close the parent: FAILED when a cell failed or the sweep was interrupted. A SIGTERM
+    stops every running cell at its next step boundary with a checkpoint, starts no other, and closes the
+    parent KILLED (RunStopped); `--resume` continues from those checkpoints."""
     out = out or sys.stdout
     t0 = time.time()
     plan = plan_sweep(path, overrides)
     ablation, uri = plan.ablation, plan.tracking_uri
     print(format_cells(ablation, plan.cells, plan.notes), file=out, flush=True)
     fingerprint = base_fingerprint(path, ablation, overrides)
-    check_parent(ablation, uri, plan.experiment, resume, fingerprint)
+    check_parent(ablation, uri, plan.experiment, resume, fingerprint, allow_changed_resume)
+    done, todo = _cells_to_run(plan, resume, allow_changed_resume, out)
     start_cluster(plan, out)
-    parent = open_parent(ablation, Path(path).read_text(), plan.cells, base_values(ablation, plan.base_tree), uri,
-                         plan.experiment, resume, fingerprint)
-    done = finished_cells(plan.cells, uri, plan.experiment) if resume else set()
-    todo = [c for c in plan.cells if c.name not in done]
-    if done:
-        print(f"resuming: {len(done)} cell(s) already finished, {len(todo)} to run", file=out, flush=True)
-
     client = tracking_client(uri)
+    lease = sweep_lease(client, ensure_experiment(client, plan.experiment, uri), ablation)
+    lease.acquire()
     try:
-        failed = _run_cells(plan, todo, parent, len(done), out) if todo else {}
+        parent = open_parent(ablation, Path(path).read_text(), plan.cells, base_values(ablation, plan.base_tree),
+                             uri, plan.experiment, resume, fingerprint, allow_changed=allow_changed_resume)
+        lease.start_heartbeat()
+        failed = _train_or_stop(plan, todo, parent, len(done), out, allow_changed_resume)
+        files, markdown = _sweep_tables(plan, parent)
+        _sweep_plots(plan, parent)
+        _close_parent(client, parent, failed)
+    finally:
+        lease.release()
+    return SweepOutcome(ablation.name, plan.experiment, uri, parent, len(plan.cells), len(done), failed, markdown,
+                        files, time.time() - t0)
+
+
+def _train_or_stop(plan: SweepPlan, todo: list[GridCell], parent: str, done_before: int, out,
+                   allow_changed: bool) -> dict[str, str]:
+    """The cells as Tune trials, a SIGTERM meanwhile turned into a stop of every cell (the sweep's stop
+    marker); {failed cell: its error}. An interruption marks the parent FAILED, a stop KILLED (RunStopped)."""
+    from orchestrator.runtime.driver import RunStopped
+
+    client = tracking_client(plan.tracking_uri)
+    root = Storage(plan.cells[0].cfg.storage_path)
+    clear_stop(root)  # a stop requested of an earlier invocation does not stop this one
+    try:
+        with on_sigterm(lambda reason: request_stop(root, reason)) as signalled:
+            failed = _run_cells(plan, todo, parent, done_before, out, allow_changed) if todo else {}
     except BaseException as exc:
         mark_failed(client, parent, f"interrupted: {exc!r}")
         raise
-    files, markdown = _sweep_tables(plan, parent)
-    _sweep_plots(plan, parent)
-    _close_parent(client, parent, failed)
-    return SweepOutcome(ablation.name, plan.experiment, uri, parent, len(plan.cells), len(done), failed, markdown,
-                        files, time.time() - t0)
+    if signalled:
+        reason = f"{signalled['reason']}: running cells stopped at a checkpoint, {len(failed)} not finished"
+        mark_stopped(client, parent, reason)
+        raise RunStopped(plan.ablation.name, f"{reason}; rerun with --resume to continue")
+    return failed

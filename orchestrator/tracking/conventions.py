@@ -3,9 +3,13 @@ found again, store URIs, and the client. Every MLflow name the package uses is s
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+import random
 import re
+import time
 from pathlib import Path
 
 from orchestrator.config import RunConfig, resolve_path, resolve_storage
@@ -22,6 +26,7 @@ PIPELINE_TAG = "orchestrator.pipeline"
 ERROR_TAG = "orchestrator.error"  # why a run FAILED (redacted)
 RESUMED_TAG = "orchestrator.resumed"
 RESUMED_FROM_TAG = "orchestrator.resumed_from"
+DAMAGED_CHECKPOINT_TAG = "orchestrator.damaged_checkpoint"  # a latest checkpoint a restore passed over, and why
 WORKER_THREADS_TAG = "orchestrator.worker_threads"
 WORKER_MALLOC_TAG = "orchestrator.worker_malloc"
 WORKER_NODE_TAG = "orchestrator.worker_node"  # the Ray node id where rank 0 last started
@@ -29,6 +34,12 @@ WORKER_NODE_TAG = "orchestrator.worker_node"  # the Ray node id where rank 0 las
 # of the labels'), "false" otherwise; COLLAPSE_REASON_TAG says which.
 COLLAPSED_TAG = "orchestrator.collapsed"
 COLLAPSE_REASON_TAG = "orchestrator.collapse_reason"
+CONFIG_HASH_TAG = "orchestrator.config_hash"  # what the run computes, see config_hash()
+WORLD_SIZE_TAG = "orchestrator.world_size"
+VERSION_TAG = "orchestrator.version"  # the package version that started the run
+RESUME_CHANGES_TAG = "orchestrator.resume_changes"  # what a resume with --allow-changed-resume changed
+STOPPED_TAG = "orchestrator.stopped"  # why and where a run stopped early (SIGTERM), with its checkpoint
+LEASE_TAG_PREFIX = "orchestrator.lease."  # + run key: an experiment tag naming the process writing that run
 # A run's predictions/{split}.parquet keeps the label step (GM's error floor) under this schema metadata key.
 PREDICTIONS_LABEL_STEP = b"orchestrator.label_step"
 
@@ -42,6 +53,8 @@ AXES_TAG = "orchestrator.axes"
 BASELINE_TAG = "orchestrator.baseline"
 BASE_VALUES_TAG = "orchestrator.base_values"
 BASE_FINGERPRINT_TAG = "orchestrator.base_fingerprint"
+GRID_TAG = "orchestrator.grid"  # the grid as a set (sweep.grid.canonical_grid), JSON
+GRID_FINGERPRINT_TAG = "orchestrator.grid_fingerprint"
 FAILED_CELLS_TAG = "orchestrator.failed_cells"
 
 TAG_VALUE_LIMIT = 5000  # characters kept of a long tag value (an error message); MLflow refuses longer ones
@@ -65,6 +78,28 @@ def normalize_pipeline(label: str) -> str:
 def run_key(cfg: RunConfig) -> str:
     """Identity of a run across restarts: same storage + name = same MLflow run."""
     return hashlib.sha256(f"{resolve_storage(cfg.storage_path)}::{cfg.name}".encode()).hexdigest()[:16]
+
+
+# Fields that say where a run is kept and logged, not what it computes.
+BOOKKEEPING_FIELDS = {"name": True, "storage_path": True, "tracking": True, "timeout_s": True,
+                      "data": {"root"}, "model": {"cache_dir"}}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Identity of what a run computes: its resolved config without bookkeeping (name, storage, tracking,
+    time budget, data root, model cache). Two cells of one config have one hash, however they are named."""
+    payload = cfg.model_dump(mode="json", exclude=BOOKKEEPING_FIELDS)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def package_version() -> str:
+    """The installed orchestrator's version (a resumed run must be continued by the same code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orchestrator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def find_sweep_parent(client, experiment_ids: list[str], sweep: str | None = None):
@@ -133,10 +168,47 @@ def ensure_store(uri: str) -> None:
 
 
 def tracking_client(uri: str):
-    """An MlflowClient for `uri`. Constructing one creates (or migrates) a SQLite store's schema, so the
-    store is made ready under a lock first; every client in this package comes from here."""
+    """An MlflowClient for `uri`, its calls retried while a SQLite store is locked by another writer.
+    Constructing one creates (or migrates) a SQLite store's schema, so the store is made ready under a lock
+    first; every client in this package comes from here."""
     ensure_store(uri)
-    return _mlflow_client(uri)
+    return LockRetryingClient(_mlflow_client(uri))
+
+
+LOCKED_RETRY_S = 120.0  # how long a call waits out a locked store before its error is raised
+
+
+def is_store_locked(exc: BaseException) -> bool:
+    """SQLite's answer when another process holds the write lock longer than its busy timeout (5 s); the
+    transaction was rolled back, so the call can be repeated."""
+    return "database is locked" in str(exc)
+
+
+def retry_while_locked(call, *args, retry_for_s: float = LOCKED_RETRY_S, **kwargs):
+    """call(*args, **kwargs), repeated with backoff (0.1 s doubling to 2 s) while the store is locked."""
+    deadline, delay = time.monotonic() + retry_for_s, 0.1
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not is_store_locked(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay * (0.5 + random.random()))  # jittered: many cells do not retry in step
+            delay = min(2.0, delay * 2)
+
+
+class LockRetryingClient:
+    """An MlflowClient whose methods retry while the store is locked (retry_while_locked). Many cells of a
+    sweep writing one SQLite store at once otherwise fail on a lock that is held a few seconds."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return functools.partial(retry_while_locked, attr)
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
