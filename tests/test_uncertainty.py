@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.reporting.uncertainty import collapsed, metric_of_errors, paired_delta
+from orchestrator.methods.metrics import collapsed
+from orchestrator.reporting.uncertainty import metric_of_errors, paired_delta
 
 
 def test_metrics_of_errors_by_hand():

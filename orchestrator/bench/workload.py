@@ -75,14 +75,15 @@ def encoded_train(cfg, model_source: str | None = None):
     the SFT stage's token objectives encode them, (input ids, labels with the prompt masked)."""
     from orchestrator.data import build_dataset
     from orchestrator.data.collate import encode_sft_example
-    from orchestrator.methods.answers import format_answer
+    from orchestrator.methods.answers import answer_decimals, format_answer
     from orchestrator.modeling.models import load_tokenizer, resolve_source
 
     built = build_dataset(cfg.data)
     tokenizer = load_tokenizer(cfg.model, model_source or resolve_source(cfg.model))
     train = built.load("train")
     prompts, targets = train.column("prompt").to_pylist(), train.column("target").to_pylist()
-    return built, tokenizer, [encode_sft_example(tokenizer, p, format_answer(t)) for p, t in zip(prompts, targets)]
+    return built, tokenizer, [encode_sft_example(tokenizer, p, format_answer(t, answer_decimals(built.label_step)))
+                               for p, t in zip(prompts, targets)]
 
 
 def timed_sft_tokens(settings: BenchSettings, cfg, model_source: str) -> tuple[int, int]:

@@ -11,6 +11,8 @@ from orchestrator.data.protocol import bin_counts, shot_regions
 from orchestrator.methods.answers import parse_answer, resolve_parse_failures
 
 REGIONS = ("all", "many", "medium", "few")
+COLLAPSE_DISTINCT = 3  # fewer distinct predictions than this ...
+COLLAPSE_STD_RATIO = 0.05  # ... or a prediction std below this fraction of the label std: collapsed (METHODS §6)
 
 
 def _constant(x: np.ndarray) -> bool:
@@ -103,3 +105,17 @@ def ccc(x: Sequence[float], y: Sequence[float]) -> float:
         return 0.0
     value = 2 * cov / denom
     return value if math.isfinite(value) else 0.0
+
+
+def collapsed(predictions: np.ndarray, targets: np.ndarray) -> str | None:
+    """Why a model's predictions count as collapsed (fewer than 3 distinct values, or their std below 5%
+    of the labels' std: the model answers nearly one number whatever the input), else None."""
+    kept = np.isfinite(predictions)
+    distinct = len(np.unique(predictions[kept]))
+    if distinct < COLLAPSE_DISTINCT:
+        return f"{distinct} distinct prediction{'s' if distinct != 1 else ''}"
+    label_std = float(np.std(targets[kept]))
+    ratio = float(np.std(predictions[kept])) / label_std if label_std > 0 else float("nan")
+    if ratio < COLLAPSE_STD_RATIO:
+        return f"prediction std / label std {ratio:.3f}"
+    return None

@@ -33,6 +33,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from orchestrator.methods.metrics import COLLAPSE_DISTINCT, COLLAPSE_STD_RATIO, collapsed
 from orchestrator.reporting.frame import dedupe, effective_axes, held_values, hold, infer_axes, tidy_runs
 from orchestrator.reporting.layout import (
     COLLAPSED_MARK,
@@ -52,14 +53,7 @@ from orchestrator.reporting.layout import (
 )
 from orchestrator.reporting.render import render_csv, render_latex, render_markdown
 from orchestrator.reporting.runs import load_predictions, load_runs
-from orchestrator.reporting.uncertainty import (
-    COLLAPSE_DISTINCT,
-    COLLAPSE_STD_RATIO,
-    RESAMPLES,
-    Delta,
-    collapsed,
-    paired_delta,
-)
+from orchestrator.reporting.uncertainty import RESAMPLES, Delta, paired_delta
 from orchestrator.tracking.conventions import normalize_pipeline, tracking_client
 
 

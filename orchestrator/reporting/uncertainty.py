@@ -1,5 +1,5 @@
 """Signal or noise (METHODS §6, pure numpy): the Δ between two rows of a table with a 95% interval from a
-paired bootstrap over test items and seeds, and whether a cell's model collapsed to a few answers.
+paired bootstrap over test items and seeds. (Whether a model collapsed is methods.metrics.collapsed.)
 
 Every cell of a sweep scores the same evaluation items, so the pairing is exact: a resample draws the
 region's items with replacement (the same items for both rows and every seed) and the shared seeds with
@@ -13,8 +13,6 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
-COLLAPSE_DISTINCT = 3  # fewer distinct predictions than this ...
-COLLAPSE_STD_RATIO = 0.05  # ... or a prediction std below this fraction of the label std: collapsed
 
 
 def metric_of_errors(errors: np.ndarray, metric: str, floor: float) -> np.ndarray:
@@ -58,17 +56,3 @@ def paired_delta(row_errors: np.ndarray, ref_errors: np.ndarray, metric: str, fl
     tail = 100 * (1 - level) / 2
     low, high = np.nanpercentile(deltas, [tail, 100 - tail])
     return Delta(estimate, float(low), float(high))
-
-
-def collapsed(predictions: np.ndarray, targets: np.ndarray) -> str | None:
-    """Why a model's predictions count as collapsed (fewer than 3 distinct values, or their std below 5%
-    of the labels' std: the model answers nearly one number whatever the input), else None."""
-    kept = np.isfinite(predictions)
-    distinct = len(np.unique(predictions[kept]))
-    if distinct < COLLAPSE_DISTINCT:
-        return f"{distinct} distinct prediction{'s' if distinct != 1 else ''}"
-    label_std = float(np.std(targets[kept]))
-    ratio = float(np.std(predictions[kept])) / label_std if label_std > 0 else float("nan")
-    if ratio < COLLAPSE_STD_RATIO:
-        return f"prediction std / label std {ratio:.3f}"
-    return None

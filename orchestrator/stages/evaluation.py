@@ -14,7 +14,7 @@ from orchestrator.data.collate import chat_prompt_ids, collate_prompts
 from orchestrator.engine.collectives import all_gather_objects
 from orchestrator.engine.deepspeed import full_parameters
 from orchestrator.methods.answers import format_answer, resolve_parse_failures
-from orchestrator.methods.metrics import dir_metrics, evaluate_texts
+from orchestrator.methods.metrics import collapsed, dir_metrics, evaluate_texts
 from orchestrator.modeling.generation import decode_completions, generate
 from orchestrator.stages.context import StageContext
 from orchestrator.tracking.conventions import COLLAPSE_REASON_TAG, COLLAPSED_TAG, PREDICTIONS_LABEL_STEP
@@ -151,7 +151,6 @@ def collapse_tags(predictions: dict[str, pa.Table]) -> dict[str, str]:
     """The run's collapse tags from its test predictions, by the rule the tables mark cells with (METHODS §6:
     fewer than 3 distinct scored values, or their std below 5% of the labels'): collapsed "true" with the
     reason, or "false"; none without a test split."""
-    from orchestrator.reporting.uncertainty import collapsed  # pure numpy, the tables' own rule
 
     table = predictions.get("test")
     if table is None:
