@@ -2,7 +2,14 @@
 
 import json
 
-from orchestrator.engine.checkpoints import STATE_FILE, quarantine_incomplete, verify_checkpoint, write_manifest
+from orchestrator.engine.checkpoints import (
+    STATE_FILE,
+    previous_complete,
+    quarantine_incomplete,
+    verify_checkpoint,
+    write_manifest,
+)
+from orchestrator.engine.storage import Storage
 from orchestrator.runtime.driver import root_cause
 
 
@@ -42,6 +49,43 @@ def test_truncated_missing_and_unfinished_checkpoints_are_caught(tmp_path):
     no_state = tmp_path / "checkpoint_d"
     no_state.mkdir()
     assert verify_checkpoint(no_state) == [f"{STATE_FILE} is missing"]
+
+
+def flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_caught_by_its_sha256_when_the_bytes_are_read(tmp_path):
+    damaged = fake_checkpoint(tmp_path / "checkpoint_x")
+    flip_a_byte(damaged / "ckpt" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")  # same size, other bytes
+    assert verify_checkpoint(damaged) == []  # sizes alone (a listing: what quarantine checks in storage)
+    assert verify_checkpoint(damaged, contents=True) == [
+        "ckpt/zero_pp_rank_1_mp_rank_00_optim_states.pt differs from what was written (sha256 mismatch)"
+    ]
+
+
+def test_a_state_without_a_world_size_still_has_its_manifests_checked(tmp_path):
+    folder = fake_checkpoint(tmp_path / "checkpoint_y")
+    (folder / STATE_FILE).write_text(json.dumps({"stage_index": 0, "step": 20}))  # as written before world_size
+    (folder / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 3)
+    assert "ckpt/mp_rank_00_model_states.pt has 3 bytes, not 100" in verify_checkpoint(folder)
+
+
+def test_a_damaged_latest_checkpoint_gives_way_to_the_newest_complete_one(tmp_path):
+    run = tmp_path / "run"
+    oldest = fake_checkpoint(run / "checkpoint_2026-01-01_10-00-00.000001")
+    middle = fake_checkpoint(run / "checkpoint_2026-01-01_10-05-00.000001")
+    latest = fake_checkpoint(run / "checkpoint_2026-01-01_10-10-00.000001")
+    flip_a_byte(latest / "ckpt" / "mp_rank_00_model_states.pt")
+    (run / "checkpoint_2026-01-01_10-15-00.000001.incomplete").mkdir()  # set aside earlier: never a candidate
+    name, local = previous_complete(Storage(str(run)), latest.name, tmp_path / "restore")
+    assert name == middle.name and verify_checkpoint(local, contents=True) == []
+    flip_a_byte(middle / "ckpt" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")  # damaged too: the next one back
+    assert previous_complete(Storage(str(run)), latest.name, tmp_path / "restore2")[0] == oldest.name
+    flip_a_byte(oldest / "ckpt" / "mp_rank_00_model_states.pt")
+    assert previous_complete(Storage(str(run)), latest.name, tmp_path / "restore3") is None
 
 
 def test_checkpoints_from_before_manifests_are_accepted(tmp_path):

@@ -67,7 +67,81 @@ def test_cell_names_are_stable_and_readable(tmp_path):
     again, _ = cells_of(tmp_path, axes={"seed": [7], "pipeline": ["sft:ce -> grpo:ccc"]}, description="reordered")
     assert first[0].name.startswith("abl-sft-ce-grpo-ccc_7-")
     # the name depends on what the ablation sets, not on the order of axes or on unrelated fields
-    assert {c.name.rsplit("-", 1)[1] for c in first} == {c.name.rsplit("-", 1)[1] for c in again}
+    assert [c.name for c in first] == [c.name for c in again]
+
+
+def test_the_grid_fingerprint_is_the_grid_as_a_set(tmp_path):
+    from orchestrator.sweep.grid import canonical_grid, grid_changes, grid_fingerprint
+
+    def grid(**ablation):
+        return load_ablation(write(tmp_path, **ablation))[0]
+
+    one = grid(axes={"pipeline": ["sft:ce", "sft:softlabel"], "seed": [1, 2]},
+               paired=[{"data.max_per_label": [2, 3], "data.few_threshold": [4, 5]}])
+    reordered = grid(axes={"seed": [2, 1], "pipeline": ["sft:softlabel", "sft:ce"]},
+                     paired=[{"data.few_threshold": [5, 4], "data.max_per_label": [3, 2]}])
+    assert grid_fingerprint(one) == grid_fingerprint(reordered)
+    more = grid(axes={"pipeline": ["sft:ce", "sft:softlabel"], "seed": [1, 2, 3]},
+                paired=[{"data.max_per_label": [2, 3], "data.few_threshold": [4, 5]}])
+    assert grid_fingerprint(more) != grid_fingerprint(one)
+    assert grid_changes(canonical_grid(one), canonical_grid(more)) == ["axes.seed: [1, 2] -> [1, 2, 3]"]
+
+
+def test_a_resume_with_a_changed_grid_is_refused_listing_it_unless_allowed(tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestrator.sweep.resume import check_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+
+    def opened(resume, allow=False, **ablation):
+        path = write(tmp_path, **ablation)
+        abl, tree = load_ablation(path)
+        cells, _ = expand_cells(abl, tree)
+        fp = base_fingerprint(path, abl, [])
+        check_parent(abl, uri, "exp", resume, fp, allow)
+        return open_parent(abl, path.read_text(), cells, {}, uri, "exp", resume, fp, allow_changed=allow)
+
+    parent = opened(False, axes={"pipeline": ["sft:ce"], "seed": [1, 2]})
+    assert opened(True, axes={"seed": [2, 1], "pipeline": ["sft:ce"]}) == parent  # reordered: the same grid
+    with pytest.raises(ConfigError, match=r"grid changed since it started:\n  axes.seed: \[1, 2\] -> \[1, 2, 3\]"):
+        opened(True, axes={"pipeline": ["sft:ce"], "seed": [1, 2, 3]})
+    assert opened(True, True, axes={"pipeline": ["sft:ce"], "seed": [1, 2, 3]}) == parent
+    tags = MlflowClient(uri).get_run(parent).data.tags
+    assert json.loads(tags["orchestrator.resume_changes"])[0]["changes"] == ["axes.seed: [1, 2] -> [1, 2, 3]"]
+    assert opened(True, axes={"pipeline": ["sft:ce"], "seed": [1, 2, 3]}) == parent  # the new grid is the sweep's
+
+
+def test_a_resumed_sweep_finds_its_cells_by_config_hash_whatever_their_names(tmp_path):
+    """A cell run under another name (its axes once listed in another order) is the same cell: finished,
+    it is not rerun; unfinished, it continues in its own run and folder."""
+    from mlflow import MlflowClient
+
+    from orchestrator.sweep.resume import match_cells
+    from orchestrator.tracking.conventions import CELL_TAG, SWEEP_TAG
+    from orchestrator.tracking.runs import start_or_resume_run
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cells, _ = cells_of(tmp_path, axes={"pipeline": ["sft:ce", "sft:softlabel"], "seed": [1]},
+                        overrides=[f"tracking.tracking_uri={uri}", "tracking.experiment=abl"])
+    client = MlflowClient(uri)
+    for cell, status in zip(cells, ["FINISHED", "FAILED"]):
+        old_name = f"abl-1_{cell.cfg.pipeline[0].loss}-old"
+        old = cell.cfg.model_copy(update={"name": old_name})
+        run_id = start_or_resume_run(old, extra_tags={SWEEP_TAG: "abl", CELL_TAG: old_name})
+        client.set_terminated(run_id, status=status)
+    done, todo = match_cells(cells, uri, "abl", "abl")
+    assert done == {cells[0].name}
+    assert [c.name for c in todo] == [cells[0].name, "abl-1_softlabel-old"]  # the unfinished one keeps its run
+
+
+def test_an_ablation_time_budget_overrides_the_cells(tmp_path):
+    cells, _ = cells_of(tmp_path, axes={"seed": [1, 2]}, timeout_s=90,
+                        base={**BASE, "timeout_s": 5000, "guard": {"on_nonfinite": "skip_step"}})
+    assert [c.cfg.timeout_s for c in cells] == [90.0, 90.0]
+    assert all(c.cfg.guard.on_nonfinite == "skip_step" for c in cells)
+    plain, _ = cells_of(tmp_path, axes={"seed": [1]}, base={**BASE, "timeout_s": 5000})
+    assert plain[0].cfg.timeout_s == 5000.0
 
 
 @pytest.mark.parametrize(

@@ -179,3 +179,57 @@ def test_a_run_whose_params_cannot_be_logged_is_marked_failed(tmp_path, monkeypa
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["orchestrator.error"] == "RuntimeError: params exploded"
+
+
+STRESS_WRITER = """
+import sys, time
+from pathlib import Path
+from orchestrator.config import load_run_config
+from orchestrator.tracking.conventions import tracking_client
+from orchestrator.tracking.runs import finish_run, start_or_resume_run
+
+uri, root, i = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+cfg = load_run_config(overrides=[f"name=writer{i}", f"tracking.tracking_uri={uri}", f"storage_path={root}"])
+(root / f"ready-{i}").touch()  # the store is held locked from now on
+run_id = start_or_resume_run(cfg)
+client = tracking_client(uri)
+for step in range(1, 11):
+    client.log_metric(run_id, "train/loss", 1.0 / step, step=step)
+finish_run(uri, run_id)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_eight_processes_writing_one_locked_sqlite_store_lose_nothing(tmp_path):
+    """Eight processes create and log runs in one SQLite store while another writer holds its lock longer
+    than SQLite waits (5 s): each call retries with backoff, and every run, param and metric arrives."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from orchestrator.tracking.conventions import ensure_experiment, tracking_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_experiment(tracking_client(uri), "orchestrator", uri)  # the store and its schema exist
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another writer holding the store
+    procs = [subprocess.Popen([sys.executable, "-c", STRESS_WRITER, uri, str(tmp_path), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(8)]
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 8:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "a writer died starting"
+            time.sleep(0.2)
+        time.sleep(7)  # longer than SQLite's busy timeout: a call without retries fails here
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, "\n".join(outputs)[-4000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"writer{i}" for i in range(8)]
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.params["name"] == r.info.run_name
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 11))
