@@ -397,6 +397,26 @@ def test_core_from_a_pyarrow_table_and_repeated_runs():
     assert "grpo:ccc | —" in render_markdown(paper)
 
 
+def test_one_cell_config_counts_once_and_failed_runs_are_listed_under_the_table():
+    """Two finished runs of one config (a cell renamed and rerun) count once, the newer; a failed cell is
+    left out of the values and named, with its error, under every table."""
+    runs = frame([(CE, 1, "FINISHED", 1.0), (CE, 1, "FINISHED", 3.0), (CE, 2, "FINISHED", 5.0),
+                  ("grpo:ccc", 1, "FAILED", None), ("grpo:ccc", 2, "FINISHED", 7.0)])
+    runs["tags.orchestrator.config_hash"] = ["h1", "h1", "h2", "h3", "h4"]
+    runs["tags.mlflow.runName"] = ["abl-1_sft-ce-aa", "abl-sft-ce_1-aa", "abl-2_sft-ce-bb", "abl-1_grpo-cc",
+                                   "abl-2_grpo-dd"]
+    runs["tags.orchestrator.error"] = [None, None, None, "run 'abl-1_grpo-cc' failed: timed out after 60 s\nmore",
+                                       None]
+    (paper,) = build_tables(runs, axes=["pipeline", "seed"])
+    assert paper.cell("sft:ce", "d/mae/all").values == (3.0, 5.0)  # the newer run of config h1
+    assert paper.cell("grpo:ccc", "d/mae/all").values == (7.0,)
+    assert "1 duplicate run(s) of one cell config dropped (the newest finished one is used)." in paper.notes
+    assert not any("repeated run" in n for n in paper.notes)  # found by its config, not by its grid point
+    assert ("Left out, not finished (1): abl-1_grpo-cc (FAILED: run 'abl-1_grpo-cc' failed: timed out after 60 s)."
+            in paper.notes)
+    assert "Left out, not finished (1): abl-1_grpo-cc" in render_markdown(paper)
+
+
 def test_core_errors():
     with pytest.raises(TablesError, match="none of the 1 runs finished"):
         build_tables(frame([(CE, 1, "FAILED", None)]))

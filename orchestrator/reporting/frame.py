@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.reporting.layout import DATASET, METRICS, PIPELINE, REGIONS, SEED, SPLITS, TablesError
+from orchestrator.tracking.conventions import CONFIG_HASH_TAG, ERROR_TAG, RUN_NAME_TAG
 
 # Params that differ between runs without being an experimental choice.
 BOOKKEEPING = re.compile(r"^(name|storage_path|data\.root|model\.cache_dir|tracking\..*)$")
@@ -71,6 +72,10 @@ def tidy_runs(runs: pd.DataFrame, fields: Iterable[str], split: str) -> pd.DataF
             "pipeline": [_text(v) for v in runs[f"params.{PIPELINE}"]],
             "dataset": [_text(v) for v in runs[f"params.{DATASET}"]],
             "seed": [_text(v) for v in runs[f"params.{SEED}"]],
+            "status": status,
+            "config_hash": _tag_column(runs, CONFIG_HASH_TAG),
+            "run_name": _tag_column(runs, RUN_NAME_TAG),
+            "error": _tag_column(runs, ERROR_TAG),
         }
     )
     for f in fields:
@@ -90,6 +95,32 @@ def tidy_runs(runs: pd.DataFrame, fields: Iterable[str], split: str) -> pd.DataF
         raise TablesError(f"finished runs {bad[:5]} lack the pipeline, data.name or seed param")
     # Oldest first: "most common value, first seen on a tie" then means the first run.
     return out[~unplaced].sort_values("start_time", kind="stable").reset_index(drop=True)
+
+
+def _tag_column(runs: pd.DataFrame, tag: str) -> list[str | None]:
+    column = f"tags.{tag}"
+    return [_text(v) for v in runs[column]] if column in runs else [None] * len(runs)
+
+
+def dedupe_configs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One run per cell config (the config hash tag): the newest finished one, else the newest. A config
+    run twice (a sweep resumed after its cells were renamed, a rerun) then counts once. Runs without the
+    tag are kept. Returns (frame, runs dropped)."""
+    hashed = frame[frame["config_hash"].notna()]
+    ordered = hashed.sort_values(["finished", "start_time"], kind="stable")
+    kept = ordered.drop_duplicates(subset=["config_hash"], keep="last")
+    out = pd.concat([frame[frame["config_hash"].isna()], kept]).sort_index()
+    return out, len(frame) - len(out)
+
+
+def failed_runs(frame: pd.DataFrame) -> list[str]:
+    """The runs that failed or were stopped, one line each (name, status, the first line of its error):
+    their cells count as missing, and the tables list them under the table."""
+    lines = []
+    for row in frame[frame["status"].isin(["FAILED", "KILLED"])].itertuples():
+        error = (row.error or "").strip().splitlines()[0][:160] if row.error else ""
+        lines.append(f"{row.run_name or row.run_id} ({row.status}{': ' + error if error else ''})")
+    return lines
 
 
 def dedupe(frame: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, int]:

@@ -34,7 +34,16 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.methods.metrics import COLLAPSE_DISTINCT, COLLAPSE_STD_RATIO, collapsed
-from orchestrator.reporting.frame import dedupe, effective_axes, held_values, hold, infer_axes, tidy_runs
+from orchestrator.reporting.frame import (
+    dedupe,
+    dedupe_configs,
+    effective_axes,
+    failed_runs,
+    held_values,
+    hold,
+    infer_axes,
+    tidy_runs,
+)
 from orchestrator.reporting.layout import (
     COLLAPSED_MARK,
     DEFAULT_BASELINE,
@@ -327,16 +336,23 @@ def build_tables(
     `predictions` (run id -> its predictions table) gives the Δ intervals and the collapse marks."""
     frame, axes = _tidy_frame(runs, axes, split)
     extra = effective_axes(frame, axes)
+    frame, same_config = dedupe_configs(frame)
     frame, dropped = dedupe(frame, extra)
+    failed = failed_runs(frame)
     evidence = Evidence.from_predictions(predictions or {})
     tables = [paper_table(frame, axes=axes, split=split, baseline=baseline, base_values=base_values,
                           sweep_baseline=sweep_baseline, evidence=evidence)]
     tables += [axis_table(frame, a, axes=axes, split=split, base_values=base_values, evidence=evidence)
                for a in extra]
     for t in tables:
+        if same_config:
+            t.notes.append(f"{same_config} duplicate run(s) of one cell config dropped "
+                           "(the newest finished one is used).")
         if dropped:
             t.notes.append(f"{dropped} repeated run(s) of the same grid point ignored "
                            "(the latest finished one is used).")
+        if failed:
+            t.notes.append(f"Left out, not finished ({len(failed)}): " + "; ".join(failed) + ".")
         if source:
             t.notes.append(f"Source: {source}.")
     return tables
