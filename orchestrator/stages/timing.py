@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+
+
+def synchronize_cuda() -> None:
+    """Wait for the GPU work queued so far. CUDA kernels run asynchronously: without this, a phase's time
+    holds the launches of its kernels, and their execution lands in whichever later phase waits for them.
+    A no-op in a process that has not started CUDA (every CPU run), and torch is never imported for it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class Stopwatch:
     """Seconds per phase, summed: `with watch("phase"):` adds the block's wall time to timings[phase],
-    `watch.add(phase, s)` a duration measured elsewhere. Runs log them as time/<phase>_s."""
+    `watch.add(phase, s)` a duration measured elsewhere. Runs log them as time/<phase>_s. On a GPU the block
+    starts and ends with the device's queue drained, so each phase is charged with its own kernels."""
 
     def __init__(self, timings: dict[str, float]):
         self.timings = timings
@@ -18,8 +29,10 @@ class Stopwatch:
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
+        synchronize_cuda()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            synchronize_cuda()
             self.add(phase, time.perf_counter() - t0)
