@@ -43,3 +43,64 @@ def test_the_stopwatch_never_imports_torch_itself(monkeypatch):
         pass
     assert "prepare" in timings
 
+
+
+# --------------------------------------------------------------------------- the precision a run resolves to
+
+
+def gpu_config(precision: str = "auto", zero_stage: int = 2):
+    from orchestrator.config import load_run_config
+
+    return load_run_config(overrides=["scaling.use_gpu=true", f"deepspeed.precision={precision}",
+                                      f"deepspeed.zero_stage={zero_stage}", "pipeline=sft:ce"])
+
+
+def test_auto_precision_is_bf16_on_a_gpu_that_supports_it_and_fp32_elsewhere(monkeypatch):
+    from orchestrator.config import DeepSpeedConfig
+    from orchestrator.engine.deepspeed import resolved_precision, training_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolved_precision(DeepSpeedConfig(precision="auto"), use_gpu=True) == "bf16"
+    assert resolved_precision(DeepSpeedConfig(precision="auto"), use_gpu=False) == "fp32"
+    assert resolved_precision(DeepSpeedConfig(precision="fp32"), use_gpu=True) == "fp32"
+    assert training_dtype(gpu_config("auto")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert training_dtype(gpu_config("auto")) == torch.float32
+
+
+def test_bf16_engines_average_their_gradients_in_fp32(process_group):
+    """DeepSpeed's own default for a bf16 engine is bf16 gradient communication."""
+    from deepspeed.runtime.config import DeepSpeedConfig as ParsedDeepSpeedConfig
+
+    from orchestrator.engine.deepspeed import deepspeed_json
+
+    for zero_stage in (0, 2, 3):
+        cfg = gpu_config("bf16", zero_stage)
+        config = deepspeed_json(cfg.pipeline[0], cfg.deepspeed, use_gpu=True)
+        assert config["bf16"]["enabled"] and config["communication_data_type"] == "fp32"
+        assert ParsedDeepSpeedConfig(config).communication_data_type == torch.float32
+    fp32 = gpu_config("fp32")
+    assert "communication_data_type" not in deepspeed_json(fp32.pipeline[0], fp32.deepspeed, use_gpu=True)
+
+
+def tiny_model():
+    from orchestrator.config import ModelConfig
+    from orchestrator.modeling.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(ModelConfig(), "tiny")[0]
+
+
+def test_a_zero_shot_cell_is_evaluated_in_the_dtype_trained_cells_are(monkeypatch):
+    """Parameters cast to bf16 as DeepSpeed casts a trained cell's; buffers (RoPE's inv_freq) stay fp32."""
+    from types import SimpleNamespace
+
+    from orchestrator.stages.evaluation import in_training_precision
+
+    model = tiny_model()
+    evaluated = in_training_precision(SimpleNamespace(cfg=gpu_config("bf16")), model)
+    assert {p.dtype for p in evaluated.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in evaluated.buffers() if b.is_floating_point()} == {torch.float32}
+    fp32 = in_training_precision(SimpleNamespace(cfg=gpu_config("fp32")), tiny_model())
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    engine = SimpleNamespace(zero_optimization_stage=lambda: 2)
+    assert in_training_precision(SimpleNamespace(cfg=gpu_config("bf16")), engine) is engine

@@ -20,23 +20,37 @@ from orchestrator.methods.schedules import lr_factor
 _SHARED_GRADIENTS: weakref.WeakKeyDictionary[Any, SharedGradients] = weakref.WeakKeyDictionary()
 
 
+def resolved_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
+    """"bf16" or "fp32": `auto` is bf16 on a GPU that supports it, fp32 everywhere else."""
+    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and use_gpu and torch.cuda.is_bf16_supported())
+    return "bf16" if bf16 else "fp32"
+
+
+def training_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype DeepSpeed gives a stage's parameters under this config (its buffers stay fp32)."""
+    return torch.bfloat16 if resolved_precision(cfg.deepspeed, cfg.scaling.use_gpu) == "bf16" else torch.float32
+
+
 def deepspeed_json(stage, ds: DeepSpeedConfig, use_gpu: bool) -> dict[str, Any]:
     """The one place a config becomes DeepSpeed's JSON."""
-    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and use_gpu and torch.cuda.is_bf16_supported())
+    bf16 = resolved_precision(ds, use_gpu) == "bf16"
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": stage.grad_accum,
         "gradient_clipping": stage.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(bf16)},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-compiled DeepSpeed op
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:  # DeepSpeed would otherwise average the workers' gradients in bf16 (8 bits of mantissa)
+        config["communication_data_type"] = "fp32"
+    return config
 
 
 def build_engine(model: torch.nn.Module, stage, cfg: RunConfig, params=None):

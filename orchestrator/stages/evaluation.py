@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.data.collate import chat_prompt_ids, collate_prompts
 from orchestrator.engine.collectives import all_gather_objects
-from orchestrator.engine.deepspeed import full_parameters
+from orchestrator.engine.deepspeed import full_parameters, training_dtype
 from orchestrator.methods.answers import format_answer, resolve_parse_failures
 from orchestrator.methods.metrics import collapsed, dir_metrics, evaluate_texts
 from orchestrator.modeling.generation import decode_completions, generate
@@ -77,8 +77,22 @@ def predict_split(ctx: StageContext, model, head, table: pa.Table) -> list[float
     return [merged[i] for i in range(len(prompts))]
 
 
+def in_training_precision(ctx: StageContext, engine_or_model):
+    """What to evaluate: a trained cell's engine as it is (its parameters in the dtype DeepSpeed trained them
+    in), an untrained (zero-shot) cell's loaded model with its parameters cast to that same dtype, so every
+    cell of a sweep is evaluated at one precision. Buffers stay fp32, as DeepSpeed keeps them."""
+    if hasattr(engine_or_model, "zero_optimization_stage"):  # a DeepSpeed engine
+        return engine_or_model
+    dtype = training_dtype(ctx.cfg)
+    for param in engine_or_model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return engine_or_model
+
+
 def evaluate_model(ctx: StageContext, engine_or_model) -> tuple[dict[str, float], dict[str, pa.Table]]:
     """Metrics named `{split}/{region}/{metric}` and a predictions table per split (rank 0 only)."""
+    engine_or_model = in_training_precision(ctx, engine_or_model)
     ds = ctx.dataset
     metrics: dict[str, float] = {}
     predictions: dict[str, pa.Table] = {}
