@@ -104,3 +104,19 @@ def test_a_zero_shot_cell_is_evaluated_in_the_dtype_trained_cells_are(monkeypatc
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
     engine = SimpleNamespace(zero_optimization_stage=lambda: 2)
     assert in_training_precision(SimpleNamespace(cfg=gpu_config("bf16")), engine) is engine
+
+
+def test_the_zero3_handoff_casts_parameters_to_the_trained_dtype_and_keeps_buffers_fp32():
+    """The module a ZeRO-3 bf16 stage hands to the next one: bf16 parameters (the trained values), fp32 buffers
+    (RoPE's inv_freq as built, which DeepSpeed never casts)."""
+    from orchestrator.engine.handoff import unpartitioned_copy
+
+    model = tiny_model()
+    state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    copy = unpartitioned_copy(model, state)
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    floating_buffers = [b for b in copy.buffers() if b.is_floating_point()]
+    assert floating_buffers and {b.dtype for b in floating_buffers} == {torch.float32}
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in state.items())
+    reference = dict(tiny_model().named_buffers())
+    assert all(torch.equal(b, reference[name]) for name, b in copy.named_buffers())
