@@ -524,7 +524,7 @@ def test_the_safety_net_a_failure_after_the_run_exists_marks_it_failed_never_run
     from orchestrator.runtime.driver import run_training
 
     # Ray up and the cluster checked: the next step, after the run exists, is where the compute starts.
-    world.monkeypatch.setattr("orchestrator.runtime.driver.init_ray", lambda: None)
+    world.monkeypatch.setattr("orchestrator.runtime.driver.init_ray", lambda **kwargs: None)
     world.monkeypatch.setattr("orchestrator.runtime.driver.cluster_spans_nodes", lambda cfg: False)
 
     def no_compute(*args, **kwargs):

@@ -3,6 +3,7 @@ untouched where it does not), the precision a run resolves to, and the settings 
 
 import sys
 
+import pytest
 import torch
 
 from orchestrator.stages import timing
@@ -120,3 +121,74 @@ def test_the_zero3_handoff_casts_parameters_to_the_trained_dtype_and_keeps_buffe
     assert all(torch.equal(copy.state_dict()[k], v) for k, v in state.items())
     reference = dict(tiny_model().named_buffers())
     assert all(torch.equal(b, reference[name]) for name, b in copy.named_buffers())
+
+
+# --------------------------------------------------------------------------- GPU workers on a cluster that cannot grow
+
+
+def test_more_gpu_workers_than_a_fixed_cluster_has_gpus_are_refused():
+    from orchestrator.config import ConfigError
+    from orchestrator.runtime.preflight import check_gpu_workers
+
+    four = gpu_config().model_copy(update={"scaling": gpu_config().scaling.model_copy(update={"num_workers": 4})})
+    with pytest.raises(ConfigError, match=r"num_workers=4 GPU workers, but this Ray cluster has 1 GPU.*"
+                                          r"set scaling.num_workers<=1"):
+        check_gpu_workers(four, gpus=1.0, can_grow=False)
+    with pytest.raises(ConfigError, match=r"has 0 GPU.*set scaling.use_gpu=false"):
+        check_gpu_workers(four, gpus=0.0, can_grow=False)
+    check_gpu_workers(four, gpus=4.0, can_grow=False)  # they fit
+    check_gpu_workers(four, gpus=0.0, can_grow=True)  # an autoscaling cluster adds its GPU nodes on demand
+    check_gpu_workers(four, gpus=None, can_grow=False)  # Ray not up in this process: nothing to compare with
+    cpu = four.model_copy(update={"scaling": four.scaling.model_copy(update={"use_gpu": False})})
+    check_gpu_workers(cpu, gpus=0.0, can_grow=False)
+
+
+class FakeRay:
+    """`ray` as init_ray uses it, recording ray.init's keywords."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+
+
+def test_a_cluster_started_here_is_marked_fixed_for_the_driver_and_its_workers(monkeypatch):
+    from orchestrator.runtime import ray_setup
+    from orchestrator.runtime.preflight import cluster_can_grow
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(ray_setup.LOCAL_CLUSTER_ENV, "0")  # restored (removed) after the test
+    ray_setup.init_ray(num_cpus=2)
+    assert fake.calls[-1]["address"] == "local"
+    assert fake.calls[-1]["runtime_env"]["env_vars"][ray_setup.LOCAL_CLUSTER_ENV] == "1"  # Tune trials see it too
+    assert not cluster_can_grow()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # joined: it may autoscale
+    ray_setup.init_ray()
+    assert ray_setup.LOCAL_CLUSTER_ENV not in fake.calls[-1]["runtime_env"]["env_vars"]
+    assert cluster_can_grow()
+
+
+def test_gpu_workers_keep_rays_thread_and_malloc_defaults(monkeypatch):
+    from orchestrator.runtime.ray_setup import worker_env_vars
+
+    gpu = worker_env_vars({}, use_gpu=True)
+    assert not {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES"} & set(gpu)
+    assert gpu["TOKENIZERS_PARALLELISM"] == "false"
+    passed_on = worker_env_vars({"ORCHESTRATOR_UNTESTED_VERSIONS": "1"}, use_gpu=True)
+    assert passed_on["ORCHESTRATOR_UNTESTED_VERSIONS"] == "1"
+    cpu = worker_env_vars({})
+    assert cpu["OMP_NUM_THREADS"] == "1" and "GLIBC_TUNABLES" in cpu
+    from orchestrator.runtime import ray_setup
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(ray_setup.LOCAL_CLUSTER_ENV, "0")
+    ray_setup.init_ray(use_gpu=True)
+    assert "OMP_NUM_THREADS" not in fake.calls[-1]["runtime_env"]["env_vars"]

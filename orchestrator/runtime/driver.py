@@ -80,7 +80,7 @@ def run_training(
         prepared = prepared or prepare_run(cfg)
         check_can_start(cfg, allow_changed_resume)
     with watch("ray_init"):
-        init_ray()
+        init_ray(use_gpu=cfg.scaling.use_gpu)
     spans_nodes = cluster_spans_nodes(cfg)
     check_cluster(cfg, prepared.tracking_uri, spans_nodes)
     uri = prepared.tracking_uri

@@ -212,10 +212,41 @@ def cluster_spans_nodes(cfg: RunConfig) -> bool:
     return cfg.scaling.use_gpu and not any(n.get("Resources", {}).get("GPU") for n in nodes)
 
 
+def cluster_gpus() -> float | None:
+    """The GPUs of the Ray cluster this process is connected to (None when Ray is not up here)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_can_grow() -> bool:
+    """Whether the cluster may add nodes: one joined through RAY_ADDRESS may autoscale; one this driver (or the
+    sweep whose trial this is) started itself is this machine alone (runtime.ray_setup.init_ray)."""
+    from orchestrator.runtime.ray_setup import LOCAL_CLUSTER_ENV
+
+    return os.environ.get(LOCAL_CLUSTER_ENV) != "1"
+
+
+def check_gpu_workers(cfg: RunConfig, gpus: float | None, can_grow: bool) -> None:
+    """Ray Train starts a run only once every worker has its GPU: on a cluster that cannot add nodes, more GPU
+    workers than it has GPUs would wait forever, silently. A cluster that may autoscale is left to do so."""
+    if not cfg.scaling.use_gpu or can_grow or gpus is None or cfg.scaling.num_workers <= gpus:
+        return
+    fix = f"set scaling.num_workers<={int(gpus)}" if gpus >= 1 else "set scaling.use_gpu=false"
+    raise ConfigError(
+        f"scaling.num_workers={cfg.scaling.num_workers} GPU workers, but this Ray cluster has {gpus:g} GPU(s) and "
+        f"cannot add nodes (this process started it on this machine): Ray Train would wait for the missing GPUs "
+        f"forever; {fix}, or join a cluster with more GPUs (RAY_ADDRESS)"
+    )
+
+
 def check_cluster(cfg: RunConfig, tracking_uri: str, spans_nodes: bool) -> None:
-    """On a cluster of several machines, everything the workers write must be reachable from every node:
-    refused here, before any MLflow run is created, are a local tracking store, an experiment whose
-    artifacts go to a file path, and a storage_path on this machine's own disk."""
+    """A run's GPU workers must fit a cluster that cannot grow (check_gpu_workers). On a cluster of several
+    machines, everything the workers write must be reachable from every node: refused here, before any MLflow
+    run is created, are a local tracking store, an experiment whose artifacts go to a file path, and a
+    storage_path on this machine's own disk."""
+    check_gpu_workers(cfg, cluster_gpus() if cfg.scaling.use_gpu else None, cluster_can_grow())
     if not spans_nodes:
         return
     from orchestrator.engine.storage import is_uri

@@ -172,7 +172,7 @@ def start_cluster(plan: SweepPlan, out) -> None:
     from orchestrator.runtime.preflight import check_cluster, cluster_spans_nodes
     from orchestrator.runtime.ray_setup import init_ray, verbose, worker_logs_dir
 
-    init_ray(worker_output=False)
+    init_ray(worker_output=False, use_gpu=any(cell.cfg.scaling.use_gpu for cell in plan.cells))
     for cell in plan.cells:
         check_cluster(cell.cfg, plan.tracking_uri, cluster_spans_nodes(cell.cfg))
     if not verbose():
