@@ -69,6 +69,7 @@ def test_sft_run_learns_logs_every_region_and_checkpoints(tmp_path, ray_cluster)
     assert run.data.params["pipeline.0.loss"] == "ce"
     # init_ray's worker environment reaches the Ray Train workers, and is kept with the run
     assert run.data.tags["orchestrator.worker_threads"] == "1"
+    assert run.data.tags["orchestrator.precision"] == "fp32"  # deepspeed.precision=auto on CPU
     assert run.data.tags["orchestrator.worker_malloc"] == os.environ.get("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES)
     assert run.data.tags["orchestrator.stage0.grad_average"] == "deepspeed"  # ZeRO-2 partitions its own
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "predictions")}

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.data import load_built
 from orchestrator.engine.checkpoints import STATE_FILE, previous_complete, verify_checkpoint, write_manifest
-from orchestrator.engine.deepspeed import shared_gradients_of
+from orchestrator.engine.deepspeed import resolved_precision, shared_gradients_of
 from orchestrator.engine.handoff import handoff_module
 from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
 from orchestrator.engine.storage import Storage
@@ -34,9 +34,10 @@ from orchestrator.runtime.shipping import folder_on_this_node, model_on_this_nod
 from orchestrator.runtime.stopping import StopWatcher
 from orchestrator.stages.context import StageContext
 from orchestrator.stages.guards import SKIPPED_METRIC, StopRequested
-from orchestrator.stages.timing import Stopwatch
+from orchestrator.stages.timing import Stopwatch, device_memory_metrics
 from orchestrator.tracking.conventions import (
     DAMAGED_CHECKPOINT_TAG,
+    PRECISION_TAG,
     RESUMED_FROM_TAG,
     WORKER_MALLOC_TAG,
     WORKER_NODE_TAG,
@@ -242,6 +243,7 @@ class Worker:
             self.logger.set_tag(DAMAGED_CHECKPOINT_TAG, restore.skipped_damaged)
         self.logger.set_tag(WORKER_THREADS_TAG, str(torch.get_num_threads()))
         self.logger.set_tag(WORKER_MALLOC_TAG, os.environ.get("GLIBC_TUNABLES", "glibc default"))
+        self.logger.set_tag(PRECISION_TAG, resolved_precision(self.cfg.deepspeed, self.cfg.scaling.use_gpu))
         self.logger.set_tag(WORKER_NODE_TAG, ray.get_runtime_context().get_node_id())
 
     def end_stopped(self, stop: StopRequested, restore: RestorePoint) -> None:
@@ -273,6 +275,7 @@ class Worker:
             log_predictions(self.logger, predictions, self.dataset)
         self.timings["worker_total"] = elapsed
         self.logger.log_metrics({f"time/{k}_s": v for k, v in self.timings.items()}, step)
+        self.logger.log_metrics(device_memory_metrics(self.device), step)
         self.logger.close(self.cfg.tracking.flush_timeout_s)
 
 

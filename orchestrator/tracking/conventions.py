@@ -30,6 +30,7 @@ DAMAGED_CHECKPOINT_TAG = "orchestrator.damaged_checkpoint"  # a latest checkpoin
 WORKER_THREADS_TAG = "orchestrator.worker_threads"
 WORKER_MALLOC_TAG = "orchestrator.worker_malloc"
 WORKER_NODE_TAG = "orchestrator.worker_node"  # the Ray node id where rank 0 last started
+PRECISION_TAG = "orchestrator.precision"  # bf16 or fp32: what deepspeed.precision (auto) resolved to on the workers
 # "true" when a run's test predictions collapsed (METHODS §6: fewer than 3 distinct values, or a std below 5%
 # of the labels'), "false" otherwise; COLLAPSE_REASON_TAG says which.
 COLLAPSED_TAG = "orchestrator.collapsed"
