@@ -192,3 +192,13 @@ def test_gpu_workers_keep_rays_thread_and_malloc_defaults(monkeypatch):
     monkeypatch.setenv(ray_setup.LOCAL_CLUSTER_ENV, "0")
     ray_setup.init_ray(use_gpu=True)
     assert "OMP_NUM_THREADS" not in fake.calls[-1]["runtime_env"]["env_vars"]
+
+
+def test_device_memory_is_reported_for_a_gpu_and_not_for_a_cpu(monkeypatch):
+    from orchestrator.stages.timing import device_memory_metrics
+
+    assert device_memory_metrics(torch.device("cpu")) == {}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4 * 2**30)
+    assert device_memory_metrics(torch.device("cuda", 0)) == {"gpu/peak_allocated_gib": 3.0,
+                                                              "gpu/peak_reserved_gib": 4.0}

@@ -36,3 +36,15 @@ class Stopwatch:
         finally:
             synchronize_cuda()
             self.add(phase, time.perf_counter() - t0)
+
+
+def device_memory_metrics(device) -> dict[str, float]:
+    """The most GPU memory this process's tensors held at once (`gpu/peak_allocated_gib`) and torch's caching
+    allocator reserved (`gpu/peak_reserved_gib`) on `device`; nothing for a CPU device."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return {}
+    import torch
+
+    gib = float(2**30)
+    return {"gpu/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "gpu/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
