@@ -16,7 +16,9 @@ def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervise
     (`logits_to_keep`): prompt positions before it never reach the vocabulary projection, nor, on a model
     with `enable_last_layer_from`, the last decoder layer's queries and MLP. Either way only the supervised
     positions reach the loss; ignored positions add nothing to any loss's sum or count, so the loss is the
-    one computed from full logits (tests/test_stage_maths.py)."""
+    one computed from full logits (tests/test_stage_maths.py). Labels may stay on the host (the SFT stage keeps
+    them there): which positions reach the LM head is then known without waiting for the device, and only the
+    selected labels are copied to it."""
     labels = batch["labels"][:, 1:]  # labels[:, t] is predicted by the logits at position t
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     start = 0
@@ -29,8 +31,10 @@ def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervise
     logits = model(**inputs).logits
     logits = logits[:, -(labels.shape[1] + 1 - start) : -1, :]  # positions start..T-2
     labels = labels[:, start:]
-    supervised = labels != IGNORE_INDEX
-    return logits[supervised].float(), labels[supervised]
+    rows, columns = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major, as boolean-mask indexing
+    device = logits.device
+    picked = logits[rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)]
+    return picked.float(), labels[rows, columns].to(device, non_blocking=True)
 
 
 def token_logprobs(

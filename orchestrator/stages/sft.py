@@ -143,9 +143,17 @@ def micro_batch_loss(model, objective: SFTObjective, parts, keep_supervised: boo
     number of parts (DeepSpeed reduces gradients once per micro-batch)."""
     total = torch.zeros((), device=device)
     for batch in parts:
-        batch = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
-        total = total + objective.batch_loss(model, batch, keep_supervised)
+        total = total + objective.batch_loss(model, to_device(batch, device), keep_supervised)
     return total
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A collated batch on the training device, copied without waiting for the device's queue; the labels stay
+    on the host, where modeling.forward.supervised_logits reads which positions it needs (on a GPU, reading
+    them there would wait for every kernel queued so far)."""
+    if device is None:
+        return batch
+    return {k: v if k == "labels" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
