@@ -202,3 +202,27 @@ def test_device_memory_is_reported_for_a_gpu_and_not_for_a_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4 * 2**30)
     assert device_memory_metrics(torch.device("cuda", 0)) == {"gpu/peak_allocated_gib": 3.0,
                                                               "gpu/peak_reserved_gib": 4.0}
+
+
+def test_an_sft_batch_goes_to_the_device_with_its_labels_left_on_the_host():
+    """supervised_logits reads the labels to choose the positions that reach the LM head: on the host that read
+    does not wait for the GPU."""
+    from orchestrator.stages.sft import to_device
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.full((2, 3), -100)}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["input_ids"].device.type == "meta" and moved["labels"].device.type == "cpu"
+    assert to_device(batch, None) is batch
+
+
+def test_supervised_logits_pick_the_same_rows_as_a_boolean_mask_with_host_labels():
+    from orchestrator.data.collate import collate_sft
+    from orchestrator.modeling.forward import supervised_logits
+
+    model = tiny_model()
+    batch = collate_sft([([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([5, 6, 7], [-100, 6, 7])], pad_token_id=0)
+    logits, labels = supervised_logits(model, batch, keep_only_supervised=True)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(logits, full[mask].float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels, batch["labels"][:, 1:][mask])
