@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ test-fast: setup
 bench: setup
 	DS_BUILD_OPS=0 $(PIP) install -q -e '.[bench]' torch==2.13.0 transformers==5.23.0
 	$(VENV)/bin/orchestrator bench --quick
+
+# Wheels of what the H200 device image lacks, in the git-ignored .whl/, checked to fit (with the tracked tree) in what
+# one device call carries; infra/README.md ("The GPU device run") says how infra/gpu/device-check.sh uses them.
+gpu-wheels: setup
+	infra/gpu/pack-wheels.sh
 
 clean:
 	rm -rf $(VENV) data results mlruns
