@@ -218,6 +218,8 @@ def cmd_bench(args) -> int:
             wall, cells = load_grid(args.grid, args.tracking_uri or default_tracking_uri(), args.experiment)
             print(render_grid(args.grid, grid_overhead(wall, cells)))
             return 0
+        if args.gpu:
+            return _bench_gpu(args, out_dir, readme)
         if args.rounds != 1 and not args.scaling:
             raise BenchError("--rounds repeats the --scaling runs; give --scaling too")
         if args.rounds < 1:
@@ -229,7 +231,8 @@ def cmd_bench(args) -> int:
         workers = args.workers
         if args.scaling and workers is None:  # 1 worker against 2
             workers = min(2, os.cpu_count() or 1)
-        settings = settings_for(args.mode or "quick", workers=workers, zero_stage=args.zero_stage)
+        zero_stage = BENCH_ZERO_STAGE if args.zero_stage is None else args.zero_stage
+        settings = settings_for(args.mode or "quick", workers=workers, zero_stage=zero_stage)
 
         def log(message: str) -> None:
             print(message, flush=True)
@@ -252,6 +255,43 @@ def cmd_bench(args) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _bench_gpu(args, out_dir: Path, readme: Path) -> int:
+    """bench --gpu: per model shape, the project against TRL on one GPU; each shape's result is written as soon
+    as it is measured (gpu-<shape>.md and .json in results/bench)."""
+    from orchestrator.bench import (
+        BenchError,
+        check_trl,
+        gpu_settings,
+        gpu_workload,
+        run_bench,
+        write_readme,
+        write_result,
+    )
+    from orchestrator.bench.settings import GPU_SHAPES, GPU_ZERO_STAGE
+
+    if args.mode is not None or args.scaling or args.workers is not None:
+        raise BenchError("--gpu runs its own work (one GPU worker per shape); leave out --quick/--full, --scaling "
+                         "and --workers")
+    shapes = ["smollm2-tiny"] if args.tiny else (args.shapes.split(",") if args.shapes else list(GPU_SHAPES))
+    zero_stage = GPU_ZERO_STAGE if args.zero_stage is None else args.zero_stage
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchError("bench --gpu needs a CUDA device (--device cpu runs its code path on the CPUs)")
+    check_trl()
+    for shape in shapes:
+        settings = gpu_settings(shape, device=args.device, zero_stage=zero_stage, tiny=args.tiny)
+        print(f"[bench] {shape}: writing its random-init model and the few-shot SFT data", flush=True)
+        settings = gpu_workload(settings, out_dir)
+        written, text = write_result(run_bench(settings, out_dir, log=lambda m: print(m, flush=True)), out_dir)
+        print(f"\n{text}\nwritten to {written} (and a timestamped copy beside it)", flush=True)
+    if args.write_readme:
+        write_readme(readme, out_dir)
+        print(f"README section rewritten from the results in {out_dir}")
+    return 0
 
 
 DESCRIPTION = "Post-train language models for numeric regression (SFT / GRPO) on Ray, and tabulate ablations."
@@ -419,9 +459,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="project side: Ray Train workers sharing the CPUs, same global batch "
                    "(default: 2 in quick mode, 1 in full mode)")
-    p.add_argument("--zero-stage", type=int, default=BENCH_ZERO_STAGE, metavar="N",
+    p.add_argument("--zero-stage", type=int, default=None, metavar="N",
                    help=f"project side: DeepSpeed ZeRO stage (default {BENCH_ZERO_STAGE}: on CPU over gloo "
-                   "the fastest at every worker count)")
+                   "the fastest at every worker count; with --gpu 2, as ablations/runs/gpu.yaml)")
+    p.add_argument("--gpu", action="store_true",
+                   help="instead: one GPU worker (DeepSpeed, bf16) against TRL on the same GPU, on random-init models "
+                   "of real shapes (SmolLM2-135M, Qwen2.5-0.5B): samples/s, tokens/s, SFT MFU against the measured "
+                   "bf16 peak, peak memory, the GRPO step by phase; results/bench/gpu-<shape>.md and .json")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="with --gpu: cpu runs the same code path on the CPUs in fp32 (a check, not a measurement)")
+    p.add_argument("--shapes", metavar="A,B", help="with --gpu: model shapes (default smollm2-135m,qwen2.5-0.5b)")
+    p.add_argument("--tiny", action="store_true",
+                   help="with --gpu: a 2-layer model of SmolLM2's layout and a few steps (seconds on a CPU)")
     p.add_argument("--scaling", action="store_true",
                    help="instead of TRL: the project's step time at one global batch on 1 worker "
                    "and on --workers workers")

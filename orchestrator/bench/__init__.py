@@ -12,7 +12,8 @@ steps; the first `warmup` steps of each side are not timed.
 - project: the real stages through `run_training` (Ray Train, DeepSpeed), throughput read back from the
   per-window metrics its SFT stage logs and the per-step time/* metrics of its GRPO stage;
 - trl_side: `trl.SFTTrainer` / `trl.GRPOTrainer` in a subprocess (`python -m orchestrator.bench _trl`);
-- machine: CPU description, matmul peak, load average;
+- machine: CPU (and GPU) description, matmul peak (fp32 on the CPUs, bf16 on a GPU), load average;
+- shapes: random-init models of real shapes (SmolLM2-135M, Qwen2.5-0.5B) for `--gpu`;
 - run: `run_bench` (both sides and their comparison) and `run_scaling` (1 worker against N);
 - grid: a finished sweep's wall time and cell metrics, for `--grid`;
 - arithmetic and report: the pure parts (rates, ratios, FLOP/s, grid overhead; Markdown, the README
@@ -50,11 +51,12 @@ from orchestrator.bench.settings import (
     BenchError,
     BenchSettings,
     check_trl,
+    gpu_settings,
     same_global_batch,
     settings_for,
 )
 from orchestrator.bench.trl_side import main_trl, trl_grpo, trl_sft
-from orchestrator.bench.workload import batch_tokens, sft_step_indices
+from orchestrator.bench.workload import batch_tokens, gpu_workload, sft_step_indices
 
 __all__ = [
     "BENCH_ZERO_STAGE",
@@ -66,6 +68,8 @@ __all__ = [
     "batch_tokens",
     "best_window_rate",
     "check_trl",
+    "gpu_settings",
+    "gpu_workload",
     "grid_overhead",
     "load_grid",
     "main_trl",

@@ -72,6 +72,36 @@ def matmul_flops_per_s(n: int, seconds: float) -> float:
     return 2.0 * n**3 / seconds
 
 
+# --------------------------------------------------------------------------- FLOPs per executed position
+
+
+def forward_flops(shape, length: int, kept_from: int) -> float:
+    """Forward FLOPs of a decoder-only model (bench.shapes.Shape) on one row of `length` real tokens whose
+    last decoder layer (but its keys and values) and LM head run only from position `kept_from` on, as the
+    project's SFT runs them (modeling/last_layer.py, logits_to_keep): every matmul at the positions where it
+    executes, and causal attention (each query against the keys up to it). Padding is not counted."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    kept = max(0, length - kept_from)
+    keys_values = 2 * shape.hidden * 2 * kv
+    queries_out_mlp = 2 * shape.hidden * 2 * q + 2 * 3 * shape.hidden * shape.intermediate
+    attention_per_pair = 4 * q  # q·k and the weighted sum of v, per (query, key) pair
+    full_pairs = length * (length + 1) // 2
+    kept_pairs = full_pairs - kept_from * (kept_from + 1) // 2 if kept else 0
+    full_layers = (shape.layers - 1) * (length * (keys_values + queries_out_mlp) + full_pairs * attention_per_pair)
+    last_layer = length * keys_values + kept * queries_out_mlp + kept_pairs * attention_per_pair
+    return float(full_layers + last_layer + kept * 2 * shape.hidden * shape.vocab)
+
+
+def training_flops(shape, rows: list[tuple[int, int]]) -> float:
+    """Forward and backward FLOPs (backward: twice the forward's) of rows given as (length, kept_from)."""
+    return 3.0 * sum(forward_flops(shape, length, kept_from) for length, kept_from in rows)
+
+
+def utilization(flops: float, seconds: float, peak: float) -> float:
+    """FLOPs done in `seconds` as a share of the peak FLOP/s (MFU: model FLOPs utilization)."""
+    return ratio(flops / seconds, peak) if seconds else float("nan")
+
+
 # --------------------------------------------------------------------------- scaling (1 worker against N)
 
 

@@ -48,7 +48,14 @@ def project_sft(settings: BenchSettings, name: str, experiment: str) -> dict[str
     timings = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
     return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
             "best_window_samples_per_s": max(sps[1:]), "supervised_tokens": tokens, "run_id": outcome.run_id,
-            "run_timings": timings, "grad_average": run.data.tags.get(stage_tag(0, "grad_average"))}
+            "run_timings": timings, "grad_average": run.data.tags.get(stage_tag(0, "grad_average")),
+            **_device_memory(run)}
+
+
+def _device_memory(run) -> dict[str, float]:
+    """The GPU memory peak the run's rank 0 logged (runtime/worker.py), in GiB; nothing on CPU."""
+    peak = run.data.metrics.get("gpu/peak_allocated_gib")
+    return {} if peak is None else {"peak_memory_gib": peak}
 
 
 def _timed_mean(client, run_id: str, key: str) -> float | None:
@@ -74,4 +81,5 @@ def project_grpo(settings: BenchSettings, name: str, experiment: str) -> dict[st
     timings = {k: v for k, v in run.data.metrics.items() if k.startswith("time/") and k not in STEP_METRICS}
     return {"samples_per_s": samples / mean_step, "tokens_per_s": samples * length / mean_step, "step_s": mean_step,
             "best_window_samples_per_s": samples / min(step),
-            "phases": phases, "completion_length": length, "run_id": outcome.run_id, "run_timings": timings}
+            "phases": phases, "completion_length": length, "run_id": outcome.run_id, "run_timings": timings,
+            **_device_memory(run)}

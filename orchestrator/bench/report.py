@@ -22,6 +22,8 @@ README_PARTS = (
      "1 worker against 2 at the same global batch, SmolLM2-135M (`orchestrator bench --scaling --full`)"),
     ("scaling-quick.md",
      "1 worker against 2 at the same global batch, tiny model (`orchestrator bench --scaling --quick`)"),
+    ("gpu-smollm2-135m.md", "GPU: against TRL on one GPU, SmolLM2-135M shape (`orchestrator bench --gpu`)"),
+    ("gpu-qwen2.5-0.5b.md", "GPU: against TRL on one GPU, Qwen2.5-0.5B shape (`orchestrator bench --gpu`)"),
 )
 WORKS = (("sft", "SFT"), ("grpo", "GRPO"))
 
@@ -53,6 +55,14 @@ def _si(v: float | None) -> str:
 
 def _header(result: dict[str, Any]) -> str:
     s = result["settings"]
+    if s.get("device") == "cuda":
+        return (
+            f"Measured by `orchestrator bench --gpu` on {result['when']} ({result['machine']}); project: "
+            f"{s['workers']} Ray Train worker × {s['cpus_per_worker']:g} CPU + 1 GPU, DeepSpeed "
+            f"ZeRO-{result.get('zero_stage', 2)}, {s['precision']}; TRL {result.get('trl_version', TRL_VERSION)}: "
+            f"one process on the same GPU, bf16 autocast. Model: {result['model']}. Ratio = project / TRL "
+            "(above 1: the project is faster)."
+        )
     return (
         f"Measured by `orchestrator bench --{result['mode']}` on {result['when']} ({result['machine']}); "
         f"project: {s['workers']} Ray Train worker(s) × {s['cpus_per_worker']:g} CPU, "
@@ -134,8 +144,25 @@ def _compute_efficiency(flops: dict[str, Any] | None, threads: int) -> list[str]
     return ["", text]
 
 
+def _gpu_efficiency(gpu: dict[str, Any]) -> list[str]:
+    """bench --gpu: SFT MFU of both sides against the bf16 peak, generation's share, the memory peaks."""
+    memory = ", ".join(f"{name} {_num(v, 2)} GiB" for name, v in gpu["peak_memory_gib"].items())
+    return ["", (
+        f"SFT model-FLOP utilization, against the {_si(gpu['peak'])}FLOP/s bf16 matmul peak measured in this run "
+        f"(8192³ products): project **{_percent(gpu['project_mfu'], 1)}%**, TRL {_percent(gpu['trl_mfu'], 1)}% "
+        f"({_si(gpu['sft_flops'])}FLOPs in the timed steps: every matmul and causal attention at each real position "
+        f"where the project executes it, backward twice the forward; sequences of {_num(gpu['sft_mean_length'], 0)} "
+        f"tokens on average). GRPO: generation is {_percent(gpu['generation_share'], 1)}% of the project's step; "
+        f"TRL's step takes {_num(gpu['grpo_step_ratio'], 2)}× the project's. Peak GPU memory: {memory}."
+    )]
+
+
 def render_markdown(result: dict[str, Any]) -> str:
-    """The bench result as Markdown: throughput rows, the project's GRPO phase split, the FLOP/s line."""
+    """The bench result as Markdown: throughput rows, the project's GRPO phase split, the FLOP/s line (bench
+    --gpu: MFU, generation's share, memory)."""
+    gpu = result.get("gpu")
+    efficiency = _gpu_efficiency(gpu) if gpu else _compute_efficiency(result.get("flops"),
+                                                                       result["settings"]["threads"])
     lines = [
         _header(result),
         "",
@@ -144,7 +171,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "SFT tokens are supervised (answer) tokens; GRPO tokens are generated completion tokens.",
         *_best_windows(result),
         *_grpo_phase_table(result.get("grpo")),
-        *_compute_efficiency(result.get("flops"), result["settings"]["threads"]),
+        *efficiency,
         *(f"\n{note}" for note in result.get("notes", [])),
     ]
     return "\n".join(lines) + "\n"
@@ -272,6 +299,7 @@ def write_result(result: dict[str, Any], out_dir: Path, kind: str = "") -> tuple
     (out_dir / "latest.md").write_text(text)
     (out_dir / "latest.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / f"{kind}{result['mode']}.md").write_text(text)
+    (out_dir / f"{kind}{result['mode']}.json").write_text(json.dumps(result, indent=2, default=str))
     return out_dir / f"{kind}{result['mode']}.md", text
 
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench.arithmetic import scaling_order, train_flops_per_s
-from orchestrator.bench.machine import better_peak, describe_machine, load_average, matmul_peak
+from orchestrator.bench.arithmetic import ratio, scaling_order, train_flops_per_s
+from orchestrator.bench.machine import better_peak, describe_gpu, describe_machine, device_peak, load_average
 from orchestrator.bench.project import project_grpo, project_sft
 from orchestrator.bench.settings import RAY_WORKER_NICENESS, TRL_VERSION, BenchError, BenchSettings, same_global_batch
 from orchestrator.bench.trl_side import run_trl
@@ -31,13 +31,58 @@ def run_bench(settings: BenchSettings, out_dir: Path, log=print) -> dict[str, An
     model_source = resolve_source(configs["sft"].model)
     expected_tokens = timed_sft_tokens(settings, configs["sft"], model_source)
     loads = {"start": load_average()}
-    log(f"[bench] matmul peak ({settings.threads} threads)")
-    peak_before = matmul_peak(settings.threads)
+    log(f"[bench] matmul peak ({settings.device})")
+    peak_before = device_peak(settings.device, settings.threads)
     project = _project_side(settings, configs, loads, log)
     _stop_ray()
     trl = _trl_side(settings, configs, model_source, out_dir, loads, log)
-    peak = better_peak(peak_before, matmul_peak(settings.threads))
-    return _bench_result(settings, configs["sft"], project, trl, peak, loads, expected_tokens)
+    peak = better_peak(peak_before, device_peak(settings.device, settings.threads))
+    result = _bench_result(settings, configs["sft"], project, trl, peak, loads, expected_tokens)
+    if settings.shape is not None:
+        result["gpu"] = _gpu_figures(settings, configs["sft"], model_source, project, trl, peak)
+        result["notes"][-1] = _gpu_comparison_note(settings, project, trl, result["gpu"])
+    return result
+
+
+def _gpu_comparison_note(s: BenchSettings, project: dict[str, Any], trl: dict[str, Any], gpu: dict[str, Any]) -> str:
+    """bench --gpu: what is identical on both sides, and every known difference between them."""
+    return (
+        f"Identical on both sides: the weights (random-init, {s.shape} shape), one {s.device} device, the tokenized "
+        f"SFT batches in the same order ({s.few_shot}-shot prompts, {gpu['sft_mean_length']:.0f} tokens on average), "
+        f"the GRPO prompts in the same order, torch's fused AdamW and the schedule. Not identical: the project "
+        f"trains bf16 weights with DeepSpeed's fp32 master copy (ZeRO-{s.zero_stage}, fp32 gradient averaging), "
+        f"TRL fp32 weights under bf16 autocast; GRPO completions are sampled (mean length: project "
+        f"{project['grpo']['completion_length']:.1f}, TRL {trl['grpo']['completion_length']:.1f} tokens; no vLLM); "
+        f"the project runs its SFT's last decoder layer and LM head only from the first supervised position, TRL at "
+        f"every position, and the MFU of both sides counts the project's executed FLOPs (TRL's extra work is not "
+        f"counted); the project runs each GRPO prompt once for its G samples, TRL once per sample; TRL's SFT step "
+        f"also computes entropy and token accuracy for its logs; data collation is inside the project's timed step."
+    )
+
+
+def _gpu_figures(s: BenchSettings, sft_cfg, model_source: str, project: dict[str, Any], trl: dict[str, Any],
+                 peak: dict[str, float]) -> dict[str, Any]:
+    """bench --gpu: SFT model-FLOP utilization of both sides (the FLOPs the project executes at each real
+    position of its timed batches, over each side's timed seconds, against the matmul peak measured in this
+    run), the GPU memory peaks, the sequence lengths and the share of generation in the project's GRPO step."""
+    from orchestrator.bench.arithmetic import training_flops, utilization
+    from orchestrator.bench.shapes import Shape
+    from orchestrator.bench.workload import timed_sft_rows
+
+    rows = timed_sft_rows(s, sft_cfg, model_source)
+    flops = training_flops(Shape.of(s.shape), rows)
+    trl_seconds = sum(trl["sft"]["step_times"][s.sft_warmup :])
+    grpo = project["grpo"]
+    return {
+        "shape": s.shape, "gpu": describe_gpu(), "sft_flops": flops, "peak": peak["peak"],
+        "sft_mean_length": sum(length for length, _ in rows) / len(rows),
+        "project_mfu": utilization(flops, project["sft"]["seconds"], peak["peak"]),
+        "trl_mfu": utilization(flops, trl_seconds, peak["peak"]),
+        "generation_share": ratio(grpo["phases"].get("generation"), grpo["step_s"]),
+        "grpo_step_ratio": ratio(trl["grpo"].get("step_s"), grpo["step_s"]),
+        "peak_memory_gib": {f"{side} {kind}": sides[kind].get("peak_memory_gib")
+                            for side, sides in (("project", project), ("TRL", trl)) for kind in ("sft", "grpo")},
+    }
 
 
 def _run_at_normal_priority() -> None:
@@ -95,8 +140,8 @@ def _bench_result(s: BenchSettings, sft_cfg, project: dict[str, Any], trl: dict[
     return {
         "mode": s.mode,
         "when": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": describe_machine(),
-        "model": _model_description(sft_cfg, params),
+        "machine": describe_machine() + (f", {describe_gpu()}" if s.device == "cuda" else ""),
+        "model": _model_description(sft_cfg, params, s.shape),
         "trl_version": TRL_VERSION,
         "torch_version": torch.__version__,
         "zero_stage": sft_cfg.deepspeed.zero_stage,
@@ -119,7 +164,9 @@ def _describe_grpo(s: BenchSettings) -> str:
             f"{s.grpo_steps - s.grpo_warmup} timed of {s.grpo_steps} steps")
 
 
-def _model_description(cfg, params: int) -> str:
+def _model_description(cfg, params: int, shape: str | None = None) -> str:
+    if shape is not None:
+        return f"random-init {shape} shape ({params:,} parameters), `{cfg.data.name}` data"
     if cfg.model.source != "tiny":
         return f"{cfg.model.source} ({params:,} parameters), `{cfg.data.name}` data"
     tiny = cfg.model.tiny

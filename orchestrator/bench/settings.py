@@ -50,6 +50,12 @@ class BenchSettings:
     workers: int = 1
     cpus_per_worker: float = 2.0
     zero_stage: int = BENCH_ZERO_STAGE  # the project's DeepSpeed ZeRO stage
+    device: str = "cpu"  # "cuda": one GPU per project worker, and TRL on that GPU (bench --gpu)
+    precision: str = "fp32"  # deepspeed.precision on the project side; TRL's bf16 flag follows it
+    shape: str | None = None  # bench --gpu: the random-init model shape (bench.shapes)
+    sft_overrides: tuple[str, ...] = ()  # overrides of the SFT run only (its data)
+    grpo_overrides: tuple[str, ...] = ()
+    few_shot: int = 0  # bench --gpu: answered examples before each SFT prompt (sequences of 512+ tokens)
 
     @property
     def threads(self) -> int:
@@ -71,6 +77,37 @@ def _two_worker_settings(mode: str, zero_stage: int) -> BenchSettings:
         sft_steps=12, sft_warmup=2, sft_micro_batch=4, sft_lr=5e-5,
         grpo_steps=6, grpo_warmup=1, grpo_prompts=4, grpo_group=4, grpo_max_new_tokens=16, grpo_lr=1e-6,
         **common,
+    )
+
+
+GPU_SHAPES = ("smollm2-135m", "qwen2.5-0.5b")  # bench --gpu's default shapes, in run order
+GPU_ZERO_STAGE = 2  # ablations/runs/gpu.yaml's
+
+
+def gpu_settings(shape: str, device: str = "cuda", zero_stage: int = GPU_ZERO_STAGE, tiny: bool = False,
+                 cpus: int | None = None) -> BenchSettings:
+    """`bench --gpu`: one project worker on one GPU (bf16, DeepSpeed ZeRO-`zero_stage`) against TRL on the same
+    GPU, on a random-init model of `shape`. SFT at the paper's micro-batch on few-shot prompts of 512+ tokens;
+    GRPO at the paper's B, G and budget on the plain prompts. `tiny` (with shape smollm2-tiny): the same code
+    path at a size a CPU runs in seconds. `device="cpu"` runs it all in fp32 on CPU (tests)."""
+    if device not in ("cuda", "cpu"):
+        raise BenchError(f"--device must be cuda or cpu, got {device!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise BenchError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
+    cpus = cpus or os.cpu_count() or 1
+    common = dict(mode=f"gpu-{shape}", base="ablations/runs/cpu.yaml", workers=1, zero_stage=zero_stage,
+                  cpus_per_worker=float(max(1, min(8, cpus // 2))), device=device, shape=shape,
+                  precision="bf16" if device == "cuda" else "fp32", grpo_temperature=1.0, grpo_beta=0.04)
+    if tiny:
+        return BenchSettings(
+            overrides=("data.prompt_style=full",), sft_steps=4, sft_warmup=2, sft_micro_batch=4, sft_lr=1e-4,
+            grpo_steps=4, grpo_warmup=2, grpo_prompts=2, grpo_group=2, grpo_max_new_tokens=12, grpo_lr=1e-5,
+            few_shot=1, **common,
+        )
+    return BenchSettings(
+        overrides=("data.prompt_style=full",), sft_steps=15, sft_warmup=3, sft_micro_batch=16, sft_lr=2e-5,
+        grpo_steps=8, grpo_warmup=2, grpo_prompts=8, grpo_group=4, grpo_max_new_tokens=32, grpo_lr=1e-5,
+        few_shot=6, **common,
     )
 
 

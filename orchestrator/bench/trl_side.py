@@ -16,6 +16,7 @@ from typing import Any
 from orchestrator.bench.arithmetic import best_window_rate, step_rates
 from orchestrator.bench.settings import RAY_WORKER_NICENESS
 from orchestrator.bench.workload import encoded_train, sft_step_indices
+from orchestrator.stages.timing import synchronize_cuda
 
 
 def run_trl(kind: str, spec: dict[str, Any], out_dir: Path, threads: int) -> dict[str, Any]:
@@ -25,7 +26,9 @@ def run_trl(kind: str, spec: dict[str, Any], out_dir: Path, threads: int) -> dic
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true"}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+    if spec["settings"].get("device", "cpu") == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "orchestrator.bench", "_trl", kind, str(spec_path), str(result_path)]
     # TRL runs at the niceness of the project's Ray workers, so other work on the machine slows both alike.
     target = int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS))
@@ -59,12 +62,31 @@ def step_timer():
             self._t0 = None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            synchronize_cuda()  # on a GPU: the step's own kernels, not the previous one's
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize_cuda()
             self.times.append(time.perf_counter() - self._t0)
 
     return StepTimer()
+
+
+def _device_args(s: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments of the bench's device: on CPU fp32 and the per-tensor AdamW loop; on a GPU bf16
+    autocast (fp32 weights, as DeepSpeed keeps fp32 master weights) and torch's fused AdamW, the project's."""
+    gpu = s.get("device", "cpu") == "cuda"
+    return {"optim": "adamw_torch_fused" if gpu else "adamw_torch", "bf16": s.get("precision") == "bf16",
+            "fp16": False, "use_cpu": not gpu}
+
+
+def _peak_memory(rates: dict[str, Any]) -> dict[str, Any]:
+    """`rates` with the GPU memory peak of the training, in GiB (nothing on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rates["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return rates
 
 
 def _load_for_trl(spec: dict[str, Any]):
@@ -104,7 +126,7 @@ def _sft_args(cfg, spec: dict[str, Any]):
         output_dir=spec["out_dir"], per_device_train_batch_size=s["sft_micro_batch"],
         gradient_accumulation_steps=s["workers"], max_steps=s["sft_steps"], learning_rate=stage.lr,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
-        optim="adamw_torch", bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
+        **_device_args(s), report_to="none", save_strategy="no",
         logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed, data_seed=cfg.seed,
         completion_only_loss=True, gradient_checkpointing=False, padding_free=False, max_length=None,
         dataset_num_proc=None, train_sampling_strategy="sequential",
@@ -153,7 +175,7 @@ def trl_sft(spec: dict[str, Any]) -> dict[str, Any]:
     rates = _sft_rates(timer.times, seen, spec["settings"])
     rates["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rates["threads"] = torch.get_num_threads()
-    return rates
+    return _peak_memory(rates)
 
 
 # --------------------------------------------------------------------------- GRPO
@@ -207,7 +229,7 @@ def _grpo_args(cfg, spec: dict[str, Any]):
         top_k=0, beta=stage.beta, num_iterations=1, epsilon=stage.epsilon_low, epsilon_high=stage.epsilon_high,
         loss_type="dapo", scale_rewards="group" if stage.scale_rewards else "none", learning_rate=stage.lr,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
-        max_steps=s["grpo_steps"], shuffle_dataset=False, use_vllm=False, bf16=False, fp16=False, use_cpu=True,
+        max_steps=s["grpo_steps"], shuffle_dataset=False, use_vllm=False, **_device_args(s),
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=cfg.seed,
         gradient_checkpointing=False, log_completions=False,
     )
@@ -245,4 +267,4 @@ def trl_grpo(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.train()
     rates = _grpo_rates(timer.times, trainer.state.log_history, spec["settings"])
     rates["threads"] = torch.get_num_threads()
-    return rates
+    return _peak_memory(rates)

@@ -20,8 +20,9 @@ def _shared_overrides(s: BenchSettings, name: str, experiment: str) -> list[str]
         f"tracking.experiment={experiment}",
         f"scaling.num_workers={s.workers}",
         f"scaling.cpus_per_worker={s.cpus_per_worker}",
+        f"scaling.use_gpu={'true' if s.device == 'cuda' else 'false'}",
         f"deepspeed.zero_stage={s.zero_stage}",
-        "deepspeed.precision=fp32",
+        f"deepspeed.precision={s.precision}",
         "eval.splits=[val]",
         "eval.max_samples=8",
     ]
@@ -31,7 +32,7 @@ def _sft_overrides(s: BenchSettings) -> list[str]:
     return [
         "pipeline=sft:ce", f"stages.sft.steps={s.sft_steps}", f"stages.sft.micro_batch_size={s.sft_micro_batch}",
         f"stages.sft.lr={s.sft_lr}", "stages.sft.warmup_steps=0", "stages.sft.lr_schedule=linear",
-        f"tracking.log_every={s.sft_warmup}", f"checkpoint.every_steps={s.sft_steps}",
+        f"tracking.log_every={s.sft_warmup}", f"checkpoint.every_steps={s.sft_steps}", *s.sft_overrides,
     ]
 
 
@@ -41,7 +42,7 @@ def _grpo_overrides(s: BenchSettings) -> list[str]:
         f"stages.grpo.group_size={s.grpo_group}", f"stages.grpo.max_new_tokens={s.grpo_max_new_tokens}",
         f"stages.grpo.temperature={s.grpo_temperature}", f"stages.grpo.beta={s.grpo_beta}",
         "stages.grpo.num_iterations=1", f"stages.grpo.lr={s.grpo_lr}", "stages.grpo.warmup_steps=0",
-        f"tracking.log_every={s.grpo_warmup}", f"checkpoint.every_steps={s.grpo_steps}",
+        f"tracking.log_every={s.grpo_warmup}", f"checkpoint.every_steps={s.grpo_steps}", *s.grpo_overrides,
     ]
 
 
@@ -94,3 +95,78 @@ def timed_sft_tokens(settings: BenchSettings, cfg, model_source: str) -> tuple[i
     order = sft_step_indices(len(examples), cfg.seed, s.sft_steps, s.sft_micro_batch, s.workers)
     timed = [[batch_tokens([examples[i] for i in rank]) for rank in step] for step in order[s.sft_warmup :]]
     return sum(t[0] for step in timed for t in step), sum(t[1] for step in timed for t in step)
+
+
+def first_kept_position(labels_rows: list[list[int]]) -> int:
+    """The position from which the SFT stage runs the LM head (and the last layer's queries and MLP) for a
+    padded batch of these label rows: the first position predicting a supervised label in any row
+    (modeling.forward.supervised_logits)."""
+    return min(next(i for i, t in enumerate(labels) if t != -100) for labels in labels_rows) - 1
+
+
+def timed_sft_rows(settings: BenchSettings, cfg, model_source: str) -> list[tuple[int, int]]:
+    """(length, first kept position) of every row in the project's timed SFT steps, its batch split into
+    length groups and trimmed as the stage runs it: the FLOPs per executed position (bench.arithmetic)."""
+    from orchestrator.stages.sft import length_groups
+
+    s = settings
+    _, _, examples = encoded_train(cfg, model_source)
+    order = sft_step_indices(len(examples), cfg.seed, s.sft_steps, s.sft_micro_batch, s.workers)
+    rows = []
+    for step in order[s.sft_warmup :]:
+        for rank in step:
+            for group in length_groups([len(examples[i][0]) for i in rank], cfg.pipeline[0].length_groups):
+                members = [examples[rank[int(j)]] for j in group]
+                kept_from = first_kept_position([labels for _, labels in members])
+                rows.extend((len(ids), kept_from) for ids, _ in members)
+    return rows
+
+
+# --------------------------------------------------------------------------- bench --gpu
+
+
+def few_shot_prompt(examples: list[tuple[str, str]], question: str) -> str:
+    """`question` after answered examples (prompt, formatted answer): a long-context prompt of the same task."""
+    shown = "\n\n".join(f"{prompt}\n{answer}" for prompt, answer in examples)
+    return f"Examples of the task, each with its answer:\n\n{shown}\n\nNow answer this one.\n{question}"
+
+
+def write_few_shot_manifest(built, shots: int, path: Path) -> Path:
+    """A text-only manifest (data.name=manifest) of `built`'s splits, each prompt preceded by `shots` answered
+    training examples (the next rows of the training split, wrapping around): the same task at 5x the length."""
+    import json
+
+    from orchestrator.methods.answers import answer_decimals, format_answer
+
+    train = built.load("train")
+    shown = list(zip(train.column("prompt").to_pylist(), train.column("target").to_pylist()))
+    decimals = answer_decimals(built.label_step)
+    answers = [(p, format_answer(t, decimals)) for p, t in shown]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for split in ("train", "val", "test"):
+            table = built.load(split)
+            for i, (prompt, target) in enumerate(zip(table.column("prompt").to_pylist(),
+                                                     table.column("target").to_pylist())):
+                examples = [answers[(i + 1 + k) % len(answers)] for k in range(shots)]
+                out.write(json.dumps({"prompt": few_shot_prompt(examples, prompt), "target": target,
+                                      "split": split}) + "\n")
+    return path
+
+
+def gpu_workload(settings: BenchSettings, work_dir: Path) -> BenchSettings:
+    """`settings` with what `bench --gpu` writes first: the random-init model of its shape (both stages) and,
+    for the SFT stage, the few-shot manifest of the GRPO stage's data."""
+    import dataclasses
+
+    from orchestrator.bench.shapes import write_model
+    from orchestrator.data import build_dataset
+
+    model = write_model(settings.shape, work_dir / "models")
+    plain = project_config(settings, "grpo", "bench-gpu-data", "bench")
+    manifest = write_few_shot_manifest(build_dataset(plain.data), settings.few_shot,
+                                       work_dir / "data" / f"few-shot-{settings.few_shot}.jsonl")
+    data = ("data.name=manifest", f"data.manifest.path={manifest}",
+            f"data.label_step={build_dataset(plain.data).label_step}")
+    return dataclasses.replace(settings, overrides=(*settings.overrides, f"model.source={model}"),
+                               sft_overrides=(*settings.sft_overrides, *data))
