@@ -101,13 +101,18 @@ def test_step_statistics_from_two_workers_sums_by_hand():
 
     # worker A rewards [1, 3], worker B rewards [2, 6]: sum 12, sum of squares 50, n 4 -> mean 3,
     # population std sqrt(50/4 - 9) = sqrt(3.5); per-worker means (advantage std 0.8 and 1.2) average to 1.0.
-    summed = [12.0, 50.0, 4.0, 2.0, 0.02, 0.1, 1.0, 30.0, 4.0, 8.0, 0.5, 2.0]
+    # One group per worker, B's rewards all agree (1 of 2 groups); each worker took one dynamic-sampling draw and
+    # kept no agreeing group; 1 of the 4 completions was truncated; the workers' mean entropies 1.5 and 2.5.
+    summed = [12.0, 50.0, 4.0, 2.0, 0.02, 0.1, 1.0, 30.0, 4.0, 8.0, 0.5, 1.0, 2.0, 2.0, 0.0, 1.0, 4.0, 2.0]
     stats = step_statistics(summed, world_size=2, term_names=["ccc"])
     assert stats["reward/mean"] == 3.0
     assert stats["reward/std"] == pytest.approx(math.sqrt(3.5))
     assert stats["advantage/std"] == 1.0 and stats["kl"] == 0.01 and stats["clip_fraction"] == 0.05
     assert stats["parse_fail_rate"] == 0.25 and stats["completion_length"] == 15.0
     assert stats["pred_std_over_label_std"] == 0.5 and stats["loss"] == 0.5 and stats["reward/ccc"] == 0.5
+    assert stats["zero_spread_groups"] == 0.5 and stats["dynamic_sampling/draws"] == 1.0
+    assert stats["dynamic_sampling/zero_spread_kept"] == 0.0
+    assert stats["truncated_rate"] == 0.25 and stats["entropy"] == 2.0
     summed[9] = 0.0  # constant targets: the spread ratio is undefined, not infinite
     assert math.isnan(step_statistics(summed, 2, ["ccc"])["pred_std_over_label_std"])
 

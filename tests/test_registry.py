@@ -12,7 +12,15 @@ from pydantic import Field
 
 from orchestrator.config import GRPOStage, SFTStage, load_run_config
 from orchestrator.config.base import ConfigError
-from orchestrator.methods.grpo import ADVANTAGE_SCALINGS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from orchestrator.methods.grpo import (
+    ADVANTAGE_BASELINES,
+    ADVANTAGE_SCALINGS,
+    IMPORTANCE_RATIOS,
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    REWARD_COMBINATIONS,
+)
 from orchestrator.methods.objectives import SFT_OBJECTIVES
 from orchestrator.methods.registry import MethodParams, Registry
 from orchestrator.methods.rewards import REWARDS
@@ -61,6 +69,12 @@ def test_the_config_takes_its_names_and_parameters_from_the_registries():
     assert GRPOStage.model_fields["kl_estimator"].annotation.__args__ == KL_ESTIMATORS.names() == ("k1", "k2", "k3")
     assert GRPOStage.model_fields["scale_rewards"].annotation.__args__ == ADVANTAGE_SCALINGS.names()
     assert GRPOStage.model_fields["loss_aggregation"].annotation.__args__ == LOSS_AGGREGATIONS.names()
+    for field, registry in (("advantage_baseline", ADVANTAGE_BASELINES), ("reward_combination", REWARD_COMBINATIONS),
+                            ("importance_ratio", IMPORTANCE_RATIOS), ("kl_control", KL_CONTROLLERS)):
+        assert GRPOStage.model_fields[field].annotation.__args__ == registry.names()
+        assert all(entry.name in GRPOStage.model_fields[field].description for entry in registry)
+    for section in KL_CONTROLLERS.param_sections():
+        assert set(section.model_fields) <= set(GRPOStage.model_fields)
     assert SFTStage.model_fields["lr_schedule"].annotation.__args__ == LR_SCHEDULES.names()
     for section in SFT_OBJECTIVES.param_sections():
         assert set(section.model_fields) <= set(SFTStage.model_fields)
@@ -76,7 +90,7 @@ def test_scale_rewards_reads_the_old_switch_and_refuses_unknown_names():
     assert GRPOStage(scale_rewards=False).scale_rewards == "none"
     cfg = load_run_config(overrides=["pipeline=grpo:ccc", "pipeline.0.scale_rewards=none"])
     assert cfg.pipeline[0].scale_rewards == "none"
-    with pytest.raises(ConfigError, match="scale_rewards: Input should be 'group' or 'none'"):
+    with pytest.raises(ConfigError, match="scale_rewards: Input should be 'group', 'batch' or 'none'"):
         load_run_config(overrides=["pipeline=grpo:ccc", "pipeline.0.scale_rewards=batchy"])
 
 

@@ -169,6 +169,15 @@ class RunConfig(StrictSection):
                 "its classification head replaces the text answer, which GRPO and the token-level SFT losses "
                 "train; put token-level stages before it (e.g. sft:ce -> sft:rvtc)"
             )
+        for i, stage in enumerate(self.pipeline):
+            if getattr(stage, "ref_sync_every", None) and stage.beta > 0 and (
+                self.model.lora.enabled or self.deepspeed.zero_stage == 3
+            ):
+                raise ValueError(
+                    f"pipeline.{i}.ref_sync_every needs the reference as a whole copy of the policy: with "
+                    "model.lora.enabled it is the policy without its adapters, under deepspeed.zero_stage=3 it is "
+                    "partitioned"
+                )
         if self.data.name == "digit-count" and self.model.builds_vision_model() is False:
             raise ValueError(
                 f"data.name=digit-count is an image task but model.source={self.model.source!r}"

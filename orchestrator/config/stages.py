@@ -9,7 +9,15 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from orchestrator.config.base import ConfigError, StrictSection
-from orchestrator.methods.grpo import ADVANTAGE_SCALINGS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from orchestrator.methods.grpo import (
+    ADVANTAGE_BASELINES,
+    ADVANTAGE_SCALINGS,
+    IMPORTANCE_RATIOS,
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    REWARD_COMBINATIONS,
+)
 from orchestrator.methods.objectives import SFT_OBJECTIVES
 from orchestrator.methods.rewards import REWARDS
 from orchestrator.methods.schedules import LR_SCHEDULES
@@ -143,7 +151,29 @@ class GRPOSettings(StageBase):
     max_new_tokens: int = Field(32, ge=1, description="Token budget of each sampled completion.")
     beta: float = Field(
         0.04, ge=0, description="β, the weight of the KL penalty to the reference policy (the policy at the start "
-        "of this stage); 0.04 as the official CCC-GRPO code; 0 drops the term and loads no reference model."
+        "of this stage); 0.04 as the official CCC-GRPO code; 0 drops the term and loads no reference model (and "
+        "kl_placement, kl_control and ref_sync_every then do nothing)."
+    )
+    kl_placement: Literal["loss", "reward"] = Field(
+        "loss", description="Where the KL penalty acts. loss: β·KL per token added to the loss (GRPO, Shao et al. "
+        "2024); reward: each completion's reward minus β·KL summed over its tokens, before the advantages, as "
+        "PPO-style RLHF (Ziegler et al. 2019; Stiennon et al. 2020; verl use_kl_in_reward); it costs one more "
+        "no-grad policy forward when num_iterations = 1 and is logged as the reward term `kl_penalty` (its "
+        "estimator is kl_estimator; those papers use k1)."
+    )
+    kl_control: Literal[KL_CONTROLLERS.names()] = Field(
+        "fixed", description="How β moves: " + registered(KL_CONTROLLERS) + " The adaptive β is logged as "
+        "train/kl_coef and saved with each checkpoint.",
+    )
+    ref_sync_every: int | None = Field(
+        None, ge=1, description="Refresh the reference every this many steps: π_ref ← α·π + (1 − α)·π_ref with "
+        "α = ref_sync_alpha (TR-DPO, Gorbatovski et al. 2024; TRL sync_ref_model / ref_model_sync_steps). None "
+        "keeps the start-of-stage reference. The refreshed reference is what a checkpoint saves and a resume "
+        "restores. Needs a reference copy: not with LoRA (whose reference is the adapter-free policy) nor ZeRO-3."
+    )
+    ref_sync_alpha: float = Field(
+        1.0, gt=0, le=1, description="α of ref_sync_every: 1 copies the policy into the reference, below 1 mixes "
+        "(TRL's ref_model_mixup_alpha, default 0.6 there)."
     )
     kl_estimator: Literal[KL_ESTIMATORS.names()] = Field(
         "k3",
@@ -160,9 +190,50 @@ class GRPOSettings(StageBase):
         0.2, ge=0, description="ε_high: the ratio is clipped above at 1 + ε_high; above epsilon_low it is DAPO's "
         "'clip-higher' (Yu et al. 2025)."
     )
+    importance_ratio: Literal[IMPORTANCE_RATIOS.names()] = Field(
+        "token", description="The ratio π / π_old that is clipped: " + registered(IMPORTANCE_RATIOS) + " GSPO pairs "
+        "it with loss_aggregation=seq_mean and a far smaller ε (3e-4 to 4e-4). With num_iterations = 1 the ratio is "
+        "1 either way, so this changes nothing.",
+    )
+    clip_ratio_c: float | None = Field(
+        None, gt=1, description="Dual-clip PPO (Ye et al. 2020; verl clip_ratio_c, 3 there): a token with a "
+        "negative advantage A loses at most −c·A, however far its ratio grows; None: off. With num_iterations = 1 "
+        "the ratio is 1 and this changes nothing."
+    )
     scale_rewards: Literal[ADVANTAGE_SCALINGS.names()] = Field(
-        "group", description="How the group-centred rewards r - mean(group) are scaled into advantages (true and "
+        "group", description="How the centred rewards r - baseline are scaled into advantages (true and "
         "false are read as group and none): " + registered(ADVANTAGE_SCALINGS),
+    )
+    advantage_baseline: Literal[ADVANTAGE_BASELINES.names()] = Field(
+        "group_mean", description="What each sample's reward is compared with before the scaling: "
+        + registered(ADVANTAGE_BASELINES),
+    )
+    advantage_clip_low: float | None = Field(
+        None, description="Advantages below this are raised to it, after the scaling (clipped advantages as in "
+        "PPO for RLHF, Zheng et al. 2023 'Secrets of RLHF', MOSS-RLHF; OpenRLHF's advantage clip); None: no bound."
+    )
+    advantage_clip_high: float | None = Field(
+        None, description="Advantages above this are lowered to it (as advantage_clip_low); None: no bound."
+    )
+    reward_combination: Literal[REWARD_COMBINATIONS.names()] = Field(
+        "sum_then_normalise", description="How several reward terms become advantages. sum_then_normalise: their "
+        "weighted sum, then the baseline and scale_rewards (GRPO; TRL's default). normalise_then_sum: each term "
+        "through the baseline and scale_rewards within its group, then their weighted sum standardised over the "
+        "step's batch (GDPO, Liu et al. 2026; TRL multi_objective_aggregation='normalize_then_sum'), so a weight is "
+        "the term's share of the advantage whatever the term's range.",
+    )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups): drop the groups whose "
+        "rewards all agree (no signal: every advantage 0) and draw more prompts, B at a time, until each worker "
+        "has B groups that differ, at most dynamic_sampling_max_draws more draws (then the batch is filled with "
+        "agreeing groups, so every worker keeps B prompts). The extra prompts come from their own seeded stream, "
+        "so a resumed stage draws the same ones; batch-level terms (ccc) are scored again on the batch kept. "
+        "train/zero_spread_groups (the fraction of the step's own groups that agree) is logged either way.",
+    )
+    dynamic_sampling_max_draws: int = Field(
+        4, ge=1, description="With dynamic_sampling: extra draws of B prompts per step at most (verl's "
+        "max_num_gen_batches counts the first draw too); the draws taken are logged as "
+        "train/dynamic_sampling/draws, the agreeing groups kept as train/dynamic_sampling/zero_spread_kept.",
     )
     num_iterations: int = Field(
         1, ge=1, description="Policy updates per rollout batch (GRPO's μ); at 1 the ratio is 1, so clipping is "
@@ -172,7 +243,24 @@ class GRPOSettings(StageBase):
         "token_mean",
         description="token_mean: every completion token of the global batch weighs the same (as DAPO, Yu et al. "
         "2025); seq_mean: each completion's token mean, averaged over completions (GRPO's 1/|o| "
-        "normalisation, Shao et al. 2024, whose length bias Liu et al. 2025 (Dr.GRPO) point out).",
+        "normalisation, Shao et al. 2024, whose length bias Liu et al. 2025 (Dr.GRPO) point out); constant_norm: "
+        "the token sum over completions × max_new_tokens (Dr. GRPO's constant normaliser; TRL loss_type='dr_grpo', "
+        "verl seq-mean-token-sum-norm).",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0, description="Entropy bonus: −entropy_coef·H of the policy on every completion token, aggregated "
+        "as the loss (PPO's entropy bonus, Schulman et al. 2017; verl entropy_coeff; TRL entropy_coef). The mean "
+        "token entropy is logged as train/entropy either way, from the logits the update's forward computes."
+    )
+    top_entropy_fraction: float = Field(
+        1.0, gt=0, le=1, description="Keep the policy-gradient term on this fraction of completion tokens only, those "
+        "of highest entropy in each update chunk of each worker (Wang et al. 2025, 'Beyond the 80/20 rule': 0.2; "
+        "TRL top_entropy_quantile); the KL and entropy terms keep every token; 1 keeps all."
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut by max_new_tokens (no end-of-turn token) out of the loss: DAPO's "
+        "overlong filtering (Yu et al. 2025; TRL mask_truncated_completions). The truncated fraction is logged as "
+        "train/truncated_rate. DAPO's soft overlong punishment is the reward term `overlong`.",
     )
 
     def optimizer_steps(self) -> int:
@@ -186,8 +274,9 @@ class GRPOSettings(StageBase):
         return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
-# Field order as for SFTStage: the stage's settings, each registered reward's parameters, the forward option.
-class GRPOStage(*reversed(REWARDS.param_sections()), GRPOSettings):
+# Field order as for SFTStage: the stage's settings, each registered reward's and KL controller's parameters, the
+# forward option.
+class GRPOStage(*reversed(KL_CONTROLLERS.param_sections()), *reversed(REWARDS.param_sections()), GRPOSettings):
     """Group-relative policy optimisation (METHODS §4; GRPO: Shao et al. 2024, DeepSeekMath)."""
 
     shared_prompt_forward: bool = Field(
@@ -198,6 +287,18 @@ class GRPOStage(*reversed(REWARDS.param_sections()), GRPOSettings):
 
     def label(self) -> str:
         return "grpo:" + "+".join(t.name for t in self.rewards)
+
+    @model_validator(mode="after")
+    def _method_parameters(self) -> "GRPOStage":
+        if self.kl_control == "adaptive" and self.kl_target is None:
+            raise ValueError("kl_control=adaptive needs kl_target, the per-token KL (as train/kl) to steer β toward")
+        low, high = self.advantage_clip_low, self.advantage_clip_high
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"advantage_clip_low ({low}) must be below advantage_clip_high ({high})")
+        if any(t.name == "overlong" for t in self.rewards) and self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) is longer than max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
     def answers_through_head(self) -> bool:
         return False

@@ -33,6 +33,7 @@ class RewardContext:
     label_step: float = 1.0  # the dataset's label resolution (the `accuracy` reward's default tolerance)
     stage: Any = None  # the GRPOStage config: registered rewards read their parameters from it
     columns: dict[str, list] = field(default_factory=dict)  # the dataset's columns per prompt
+    lengths: Sequence[Sequence[int]] = ()  # B x G completion lengths in tokens (empty where not known)
 
     @property
     def label_range(self) -> float:
@@ -58,6 +59,14 @@ class AccuracyRewardParams(MethodParams):
         None, ge=0, description="`accuracy` (R1-AQA style, seed 004) pays 1 when |ŷ − y| is at most this. None: "
         "when |ŷ − y| < label_step / 2, the rule of the `exact` metric (METHODS §2), so a dataset binned at "
         "500 dollars counts 4,200 for 4,000 as a hit.",
+    )
+
+
+class OverlongRewardParams(MethodParams):
+    overlong_buffer: int = Field(
+        4, ge=1, description="`overlong` (DAPO's soft overlong punishment, Yu et al. 2025): the last this many "
+        "tokens of max_new_tokens; a completion reaching into them is penalised linearly, from 0 at "
+        "max_new_tokens − overlong_buffer to −1 at max_new_tokens. The term's weight is DAPO's penalty factor.",
     )
 
 
@@ -96,6 +105,11 @@ def accuracy_reward(pred: float | None, target: float, tolerance: float | None =
     error = abs(pred - target)
     hit = error < label_step / 2 if tolerance is None else error <= tolerance + 1e-9
     return 1.0 if hit else 0.0
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
+    """0 up to max_new_tokens − buffer tokens, then falling linearly to −1 at max_new_tokens (DAPO)."""
+    return min(0.0, (max_new_tokens - buffer - length) / buffer)
 
 
 def substitute_parse_failures(parsed: Sequence[Sequence[float | None]], policy: str, label_min: float,
@@ -145,6 +159,14 @@ def _format(ctx: RewardContext) -> Grid:
         [format_reward(t, p, ctx.label_min, ctx.label_max) for t, p in zip(texts, parsed)]
         for texts, parsed in zip(ctx.texts, ctx.parsed)
     ]
+
+
+@REWARDS.register("overlong", params=OverlongRewardParams, source="DAPO soft overlong punishment (Yu et al. 2025)")
+def _overlong(ctx: RewardContext, params: OverlongRewardParams) -> Grid:
+    if not ctx.lengths:
+        raise ValueError("the `overlong` reward needs the completions' lengths (RewardContext.lengths)")
+    budget = ctx.stage.max_new_tokens
+    return [[overlong_penalty(n, budget, params.overlong_buffer) for n in group] for group in ctx.lengths]
 
 
 def resolve_reward(name: str) -> Callable[[RewardContext], Grid]:

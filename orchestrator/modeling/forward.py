@@ -39,22 +39,36 @@ def supervised_logits(model, batch: dict[str, torch.Tensor], keep_only_supervise
 
 def token_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images=None, start: int = 0, keep: bool = False,
-    temperature: float = 1.0,
-) -> torch.Tensor:
+    temperature: float = 1.0, entropy: str | None = None,
+):
     """log p(token_t | tokens_<t) for t = start+1..T-1, shape [N, T-1-start]; `images` one row per sequence.
     `start` skips prompt positions that no row needs (the loss reads completion tokens only); with `keep`
     the model computes the LM head for the kept positions only (`logits_to_keep`), else full logits are
     sliced. log_softmax(x)[y] is computed as x[y] − logsumexp(x), never materialising [N, T, V] log-probs.
     p is the distribution sampled at `temperature`, softmax(logits / T), as TRL's GRPO computes it (top_p's
-    truncation is not applied, as in TRL)."""
+    truncation is not applied, as in TRL). `entropy` ("detached" or "differentiable") also returns each
+    position's entropy from the same logits: (log-probs, entropy)."""
     extra = images.inputs_for(input_ids) if images is not None else {}
     width = input_ids.shape[1] - start  # positions start..T-1; the last predicts nothing
     if keep and start > 0:
         extra["logits_to_keep"] = width
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, -width:-1, :].float()
     logits = tempered(logits, temperature)
-    targets = input_ids[:, start + 1 :].unsqueeze(-1)
-    return (logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return logprobs_of(logits, input_ids[:, start + 1 :], entropy)
+
+
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, entropy: str | None = None):
+    """log_softmax(logits)[targets] as x[y] − logsumexp(x), never materialising [N, T, V] log-probs. With `entropy`,
+    also H = logsumexp(x) − Σ softmax(x)·x at each position: "differentiable" keeps its graph (an entropy bonus
+    trains on it), "detached" computes it without one (statistics, token selection)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if entropy is None:
+        return logp
+    if entropy not in ("detached", "differentiable"):
+        raise ValueError(f"entropy must be None, 'detached' or 'differentiable', not {entropy!r}")
+    with torch.set_grad_enabled(entropy == "differentiable" and torch.is_grad_enabled()):
+        return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,7 +79,8 @@ def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def shared_prompt_logprobs(
     model, prompt_ids: list[list[int]], completions: list[list[int]], rows, group_size: int, pad_id: int,
     width: int, keep: bool = True, device: torch.device | None = None, temperature: float = 1.0,
-) -> torch.Tensor:
+    entropy: str | None = None,
+):
     """log p(completion token k | prompt, completion_<k) for the samples `rows`, shape [len(rows), width]:
     column k is completion token k (values past a completion's end are padding, masked by the caller).
 
@@ -73,7 +88,8 @@ def shared_prompt_logprobs(
     with a key/value cache) and its cache is repeated for its samples; only the completion tokens run per
     sample. Same log-probs and gradients as `token_logprobs` on the full rows (the prompt's states get
     the summed gradient of its samples), at a fraction of the compute when prompts are longer than
-    completions, as they are for GRPO here. At `temperature` T the log-probs are those of softmax(logits / T)."""
+    completions, as they are for GRPO here. At `temperature` T the log-probs are those of softmax(logits / T);
+    `entropy` as in `logprobs_of`."""
     owners = [j // group_size for j in rows]
     distinct = {p: i for i, p in enumerate(sorted(set(owners)))}  # prompt index -> its row in the prefill
     prompts = collate_prompts([prompt_ids[p] for p in distinct], pad_id)  # left-padded: all end at one column
@@ -92,7 +108,7 @@ def shared_prompt_logprobs(
     ).logits
     # Completion token 0 is predicted by the prompt's last position, token k by completion position k-1.
     logits = tempered(torch.cat([out.logits[:, -1:][select], logits[:, : width - 1]], 1).float(), temperature)
-    return logits.gather(-1, c_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logprobs_of(logits, c_ids, entropy)
 
 
 def completion_mask(completions: list[list[int]], width: int) -> torch.Tensor:

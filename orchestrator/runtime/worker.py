@@ -22,7 +22,7 @@ from orchestrator.data import load_built
 from orchestrator.engine.checkpoints import STATE_FILE, previous_complete, verify_checkpoint, write_manifest
 from orchestrator.engine.deepspeed import resolved_precision, shared_gradients_of
 from orchestrator.engine.handoff import handoff_module
-from orchestrator.engine.reference import REFERENCE_FILE, ReferencePolicy
+from orchestrator.engine.reference import REFERENCE_FILE, REFERENCE_STATE_FILE, ReferencePolicy
 from orchestrator.engine.storage import Storage
 from orchestrator.modeling.models import (
     add_lora_adapters,
@@ -226,6 +226,8 @@ class Worker:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
                 if reference_state is not None:
                     save_file(reference_state, str(Path(tmp) / REFERENCE_FILE))
+                if reference is not None:
+                    (Path(tmp) / REFERENCE_STATE_FILE).write_text(json.dumps(reference.checkpoint_state()))
             write_manifest(tmp, self.rank)  # last: a restore checks every file against it
             ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
 
