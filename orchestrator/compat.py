@@ -13,6 +13,7 @@ The check reads installed metadata only: importing this module imports no patche
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import types
@@ -76,6 +77,31 @@ def disable_backward_allreduce(engine: Any) -> None:
     gradients over the workers after each backward. Used where the project averages them itself,
     through shared memory (engine.shared_grads), before each optimizer step."""
     engine.enable_backward_allreduce = False
+
+
+@_patch_of("deepspeed")
+@contextlib.contextmanager
+def zero3_hooks_removed(engine: Any):
+    """Inside the block, the ZeRO-3 engine's module runs without DeepSpeed's per-module forward and backward
+    hooks (its optimizer's `parameter_offload.forward_hooks` / `backward_hooks`, each parameter's
+    `ds_active_sub_modules` cleared), and they are registered again after it (`_register_deepspeed_module`,
+    the parameter coordinator's trace invalidated), as TRL does around generation.
+
+    With every parameter already gathered (GatheredParameters), the hooks only cost time: generation runs
+    the model once per new token, and each run would go through them for every submodule."""
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    for param in offload.module.parameters(recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in (*offload.forward_hooks, *offload.backward_hooks):
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        coordinator = getattr(offload, "param_coordinator", None)
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        offload._register_deepspeed_module(offload.module)
 
 
 # -------------------------------------------------------------------------------------------- transformers

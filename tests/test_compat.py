@@ -35,7 +35,8 @@ def test_the_checked_versions_are_the_pins_of_pyproject():
 def test_every_registered_patch_is_a_function_of_compat():
     names = [name for patches in compat.PATCHES.values() for name in patches]
     assert sorted(names) == sorted(
-        ["skip_deepspeed_cpu_shm_op", "replace_fp32_clipping", "disable_backward_allreduce", "override_forward"]
+        ["skip_deepspeed_cpu_shm_op", "replace_fp32_clipping", "disable_backward_allreduce", "zero3_hooks_removed",
+         "override_forward"]
     )
     assert all(callable(getattr(compat, name)) for name in names)
 

@@ -226,3 +226,49 @@ def test_supervised_logits_pick_the_same_rows_as_a_boolean_mask_with_host_labels
     mask = batch["labels"][:, 1:] != -100
     torch.testing.assert_close(logits, full[mask].float(), rtol=1e-5, atol=1e-5)
     assert torch.equal(labels, batch["labels"][:, 1:][mask])
+
+
+# --------------------------------------------------------------------------- ZeRO-3 generation without its hooks
+
+
+def zero3_engine():
+    from orchestrator.config import load_run_config
+    from orchestrator.engine.deepspeed import build_engine
+    from orchestrator.modeling.models import load_model_and_tokenizer
+
+    cfg = load_run_config(overrides=["deepspeed.zero_stage=3", "model.tiny.hidden_size=32",
+                                     "model.tiny.intermediate_size=64", "pipeline=sft:ce", "pipeline.0.lr=1e-2"])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "tiny")
+    return build_engine(model, cfg.pipeline[0], cfg), tokenizer
+
+
+def train_once(engine, ids) -> float:
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return float(loss)
+
+
+def test_zero3_generation_runs_without_deepspeeds_hooks_and_training_goes_on_as_before(process_group):
+    """Inside full_parameters the ZeRO-3 module has no DeepSpeed hooks and generates what it generates with them;
+    after it the hooks are back and the next training steps are those of an engine that never generated."""
+    import deepspeed
+
+    from orchestrator.engine.deepspeed import full_parameters
+    from orchestrator.modeling.generation import generate
+
+    engine, tokenizer = zero3_engine()
+    offload = engine.optimizer.parameter_offload
+    hooks = (len(offload.forward_hooks), len(offload.backward_hooks))
+    assert hooks[0] > 0
+    prompt = [tokenizer.encode("1939 | 71 min", add_special_tokens=False)]
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        with_hooks = generate(engine.module, tokenizer, prompt, max_new_tokens=6)
+    with full_parameters(engine) as module:
+        assert (len(offload.forward_hooks), len(offload.backward_hooks)) == (0, 0)
+        without_hooks = generate(module, tokenizer, prompt, max_new_tokens=6)
+    assert without_hooks == with_hooks
+    assert (len(offload.forward_hooks), len(offload.backward_hooks)) == hooks
+    ids = torch.tensor([tokenizer.encode("<answer>42</answer>", add_special_tokens=False)])
+    fresh, _ = zero3_engine()
+    assert [train_once(engine, ids) for _ in range(3)] == [train_once(fresh, ids) for _ in range(3)]

@@ -132,13 +132,19 @@ def optimizer_step(engine) -> None:
 
 @contextlib.contextmanager
 def full_parameters(engine_or_model):
-    """Generation needs whole weights: under ZeRO-3 gather them for the duration."""
+    """Generation needs whole weights: under ZeRO-3 gather them for the duration, and take DeepSpeed's
+    per-module hooks off meanwhile (compat.zero3_hooks_removed): they would run for every submodule at every
+    generated token, to fetch parameters that are already whole."""
     module = getattr(engine_or_model, "module", engine_or_model)
     zero3 = getattr(engine_or_model, "zero_optimization_stage", lambda: 0)() == 3
     if zero3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            yield module
+            if getattr(engine_or_model, "optimizer", None) is None:  # an engine without an optimizer has no hooks
+                yield module
+            else:
+                with compat.zero3_hooks_removed(engine_or_model):
+                    yield module
     else:
         yield module
