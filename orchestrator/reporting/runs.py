@@ -165,10 +165,12 @@ def load_predictions(tracking_uri: str, run_ids: list[str], split: str) -> dict[
     """Each run's `predictions/{split}.parquet` (id, target, region, scored; the label step in `attrs`),
     for the Δ intervals and the collapse marks. A run without one, or from before the tables needed the
     `scored` column, is left out: its Δ cells then have no interval."""
+    import os
     import tempfile
 
     import pyarrow.parquet as pq
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run would fill the console
     client = tracking_client(tracking_uri)
     out: dict[str, pd.DataFrame] = {}
     with tempfile.TemporaryDirectory() as tmp:
