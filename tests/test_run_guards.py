@@ -127,3 +127,29 @@ def test_the_lease_tag_lives_on_the_experiment_so_a_run_not_yet_created_is_cover
     with pytest.raises(ConfigError, match="being written by"):
         RunLease(client, lease.experiment_id, run_key(cfg), "run 'guarded'").acquire()
     lease.release()
+
+
+def test_run_errors_cross_process_boundaries_intact():
+    """A sweep's Tune trial pickles a cell's error to the driver: it must arrive as raised, not as a TypeError."""
+    import pickle
+
+    from orchestrator.runtime.driver import RunFailed, RunStopped
+
+    failed = pickle.loads(pickle.dumps(RunFailed("cell", "timed out after 60 s (timeout_s)", ["checkpoint_1"])))
+    assert str(failed) == ("run 'cell' failed: timed out after 60 s (timeout_s); incomplete checkpoints set aside: "
+                           "checkpoint_1")
+    stopped = pickle.loads(pickle.dumps(RunStopped("cell", "SIGTERM to the driver (pid 7): not started")))
+    assert isinstance(stopped, RunStopped) and stopped.cause == "SIGTERM to the driver (pid 7): not started"
+
+
+def test_a_stopped_run_exits_143_and_says_how_to_continue(monkeypatch, capsys):
+    from orchestrator.cli import main
+    from orchestrator.runtime.driver import RunStopped
+
+    def stopped(*args, **kwargs):
+        raise RunStopped("demo", "SIGTERM to the driver (pid 7): stopped at step 12 with a checkpoint there; "
+                                 "rerun to resume from it")
+
+    monkeypatch.setattr("orchestrator.runtime.driver.run_training", stopped)
+    assert main(["train", "name=demo"]) == 143
+    assert "stopped: run 'demo' stopped: SIGTERM to the driver (pid 7): stopped at step 12" in capsys.readouterr().err

@@ -29,15 +29,22 @@ class RunFailed(RuntimeError):
         text = f"run {name!r} failed: {cause}"
         if quarantined:
             text += "; incomplete checkpoints set aside: " + ", ".join(quarantined)
+        self.name = name
         super().__init__(text)
+
+    def __reduce__(self):  # pickled as it was made: a sweep's Tune trial hands the error to the driver
+        return type(self), (self.name, self.cause, self.quarantined)
 
 
 class RunStopped(RunFailed):
     """A run stopped on request (SIGTERM) at a step boundary, its checkpoint saved there: a rerun resumes."""
 
     def __init__(self, name: str, reason: str):
-        self.cause, self.quarantined = reason, []
+        self.name, self.cause, self.quarantined = name, reason, []
         RuntimeError.__init__(self, f"run {name!r} stopped: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.name, self.cause)
 
 
 def root_cause(exc: BaseException) -> str:

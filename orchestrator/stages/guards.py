@@ -103,7 +103,7 @@ class StepGuard:
         else:
             optimizer_step(engine)
             if getattr(engine, "skipped_steps", 0) > before:  # DeepSpeed found the gradient norm non-finite
-                self._non_finite("gradient norm")
+                self._non_finite("loss" if bad else "gradient norm")
                 self.skipped += 1
             elif bad:
                 raise NonFiniteError(f"non-finite loss in {self.where()}, and DeepSpeed applied the update "

@@ -12,12 +12,13 @@ from orchestrator.tracking.conventions import CELL_TAG, ERROR_TAG, tag_equals, t
 
 
 def _last_error_line(path: str | None) -> str:
-    """The exception line of a trial's error file (Tune writes the whole traceback there)."""
+    """The exception line of a trial's error file (Tune writes the whole traceback there): the last one, which
+    for a cell that failed in training is the driver's RunFailed (or RunStopped) with the run's cause."""
     try:
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if path else []
     except OSError:
         return ""
-    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|RunFailed|RunStopped)\b", ln)]
     return (errors[-1] if errors else lines[-1] if lines else "")[:300]
 
 
@@ -34,6 +35,14 @@ class SweepProgress:
         self.started: dict[str, float] = {}
         self.last = 0.0
         self.failed: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks with the experiment's state; the console stream is not picklable (under
+        pytest's capture, or any file-like object), and a restored copy prints to sys.stdout."""
+        return {k: v for k, v in self.__dict__.items() if k != "out"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, out=sys.stdout)
 
     def _name(self, trial) -> str:
         return self.names.get(trial.config.get("cell"), str(trial))
