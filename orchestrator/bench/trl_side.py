@@ -18,6 +18,8 @@ from orchestrator.bench.settings import RAY_WORKER_NICENESS
 from orchestrator.bench.workload import encoded_train, sft_step_indices
 from orchestrator.stages.timing import synchronize_cuda
 
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 def run_trl(kind: str, spec: dict[str, Any], out_dir: Path, threads: int) -> dict[str, Any]:
     """TRL's `kind` ("sft" or "grpo") run of `spec` in a subprocess on `threads` threads -> its rates."""
@@ -29,6 +31,8 @@ def run_trl(kind: str, spec: dict[str, Any], out_dir: Path, threads: int) -> dic
            "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
     if spec["settings"].get("device", "cpu") == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    for name in DISTRIBUTED_ENV:  # one process: a caller's process group must not become TRL's
+        env.pop(name, None)
     cmd = [sys.executable, "-m", "orchestrator.bench", "_trl", kind, str(spec_path), str(result_path)]
     # TRL runs at the niceness of the project's Ray workers, so other work on the machine slows both alike.
     target = int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS))
