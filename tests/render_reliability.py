@@ -5,13 +5,16 @@
 
 Sources: the bad-input tables of tests/test_bad_input.py (CASES, OUTPUT_CASES), the security table of
 tests/test_security.py (SECURITY_CHECKS, INFRA_CHECKS), and the fault tests found in FAULT_FILES (one
-line per test function: its docstring's first sentence, else its name in words). tests/test_bad_input.py
-fails while the README's section differs from this rendering.
+line per test function: its docstring's first sentence, else its name in words), each with what became of
+it the last time it ran (tests/reliability-outcomes.json, kept by the tests/reliability_outcomes.py pytest
+plugin): a test that skipped is listed as skipped, with pytest's reason, and one never run as not run.
+tests/test_bad_input.py fails while the README's section differs from this rendering.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 from pathlib import Path
@@ -20,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BEGIN = "<!-- reliability:begin (generated from the tests; see tests/test_bad_input.py) -->"
 END = "<!-- reliability:end -->"
-FAULT_FILES = ("tests/test_e2e_faults.py", "tests/test_e2e_cluster.py", "tests/test_tracking.py")
+FAULT_FILES = ("tests/test_e2e_faults.py", "tests/test_e2e_reliability.py", "tests/test_e2e_cluster.py",
+               "tests/test_tracking.py")
+OUTCOMES = Path(__file__).resolve().parent / "reliability-outcomes.json"
 
 
 def _summary(doc: str | None) -> str:
@@ -31,9 +36,11 @@ def _summary(doc: str | None) -> str:
     return re.split(r"(?<=\.)\s+(?=[A-Z])", paragraph)[0].rstrip(".")
 
 
-def fault_tests(root: Path = ROOT) -> dict[str, list[str]]:
+def fault_tests(root: Path = ROOT, outcomes: dict[str, dict[str, str]] | None = None) -> dict[str, list[str]]:
     """file -> one line per top-level test function, its docstring's first sentence or else its name in
-    words (read with ast: nothing is imported or run); a file that does not exist yet maps to []."""
+    words (read with ast: nothing is imported or run), then what became of it when it last ran; a file that
+    does not exist yet maps to []."""
+    outcomes = read_outcomes() if outcomes is None else outcomes
     out: dict[str, list[str]] = {}
     for rel in FAULT_FILES:
         path = root / rel
@@ -44,9 +51,25 @@ def fault_tests(root: Path = ROOT) -> dict[str, list[str]]:
         for node in ast.parse(path.read_text(), rel).body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
                 text = _summary(ast.get_docstring(node)) or node.name.removeprefix("test_").replace("_", " ")
-                lines.append(text[:1].upper() + text[1:])
+                lines.append(text[:1].upper() + text[1:] + _outcome_note(outcomes.get(f"{rel}::{node.name}")))
         out[rel] = lines
     return out
+
+
+def read_outcomes(path: Path = OUTCOMES) -> dict[str, dict[str, str]]:
+    """test node id -> {"outcome": "passed" | "skipped", "reason"} from the tests' last runs."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _outcome_note(outcome: dict[str, str] | None) -> str:
+    if outcome is None:
+        return " — **not run yet**"
+    if outcome.get("outcome") == "skipped":
+        return f" — **skipped** in its last run: {outcome.get('reason') or 'no reason given'}"
+    return ""
 
 
 def _tables():
@@ -81,7 +104,7 @@ def render_section() -> str:
     lines += ["", "**Security defaults** (`tests/test_security.py`, and `tests/test_infra.py` for the scripts):", ""]
     lines += [f"- {text}" for text in sec.SECURITY_CHECKS.values()]
     lines += [f"- {text} (`tests/test_infra.py`)" for text in sec.INFRA_CHECKS.values()]
-    lines += ["", "**Faults survived**:", ""]
+    lines += ["", "**Faults survived** (each test's last outcome: `tests/reliability-outcomes.json`):", ""]
     faults = fault_tests()
     for rel, tests in faults.items():
         if tests:
@@ -92,7 +115,9 @@ def render_section() -> str:
     n_bad = len(bad.CASES) + len(bad.OUTPUT_CASES)
     n_sec = len(sec.SECURITY_CHECKS) + len(sec.INFRA_CHECKS)
     n_faults = sum(len(t) for t in faults.values())
-    lines += ["", f"{n_bad} bad-input cases, {n_sec} security checks, {n_faults} fault tests.", END]
+    unproven = sum("— **" in t for tests in faults.values() for t in tests)
+    tail = f" ({unproven} of them skipped or not run in their last run, marked above)" if unproven else ""
+    lines += ["", f"{n_bad} bad-input cases, {n_sec} security checks, {n_faults} fault tests{tail}.", END]
     return "\n".join(lines)
 
 

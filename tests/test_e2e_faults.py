@@ -184,12 +184,36 @@ def _fill(path) -> None:
                 raise
 
 
-@pytest.mark.timeout(600)
-def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, ray_cluster):
+IN_OWN_MOUNT_NAMESPACE = "ORCHESTRATOR_TEST_IN_OWN_MOUNT_NAMESPACE"
+
+
+def rerun_in_own_mount_namespace(node_id: str) -> None:
+    """Run one test again in a private mount namespace (`unshare --mount`, as root or as a user mapped to
+    root), where it may mount a small tmpfs; it brings its own Ray cluster, whose workers see that mount.
+    Skips only where no mount namespace can be made."""
+    import os
+    import subprocess
+    import sys
+
+    unshare = ["unshare", "--mount", "--propagation", "private"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    if subprocess.run([*unshare, "true"], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem: no mount here, and no mount namespace (unshare --mount)")
+    inner = subprocess.run([*unshare, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node_id],
+                           env={**os.environ, IN_OWN_MOUNT_NAMESPACE: "1"}, capture_output=True, text=True)
+    assert inner.returncode == 0, (inner.stdout + inner.stderr)[-6000:]
+    assert "1 passed" in inner.stdout, inner.stdout[-3000:]
+
+
+@pytest.mark.timeout(900)
+def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, request):
     """The checkpoint disk fills up after the first checkpoint: the run fails with the disk error
     named, the last good checkpoint is intact (anything half-written is set aside), and once there
-    is room again the same run resumes from it into the same MLflow run."""
+    is room again the same run resumes from it into the same MLflow run.
+
+    The disk is a 64 MB tmpfs, mounted here when this process may, else in a mount namespace of a rerun of
+    this test (unshare --mount)."""
     import json
+    import os
     import subprocess
 
     from orchestrator.engine.checkpoints import verify_checkpoint
@@ -198,7 +222,10 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, 
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small filesystem here (needs root)")
+        assert not os.environ.get(IN_OWN_MOUNT_NAMESPACE), "no tmpfs even in a mount namespace of its own"
+        rerun_in_own_mount_namespace(request.node.nodeid)
+        return
+    request.getfixturevalue("ray_cluster")  # after the mount: in a rerun, Ray starts inside the namespace
     filler = disk / "filler"
     try:
         cfg = make_cfg(tmp_path, "name=full", *SFT_60, f"storage_path={disk}")
