@@ -76,6 +76,7 @@ def cell_runs(client):
     return [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.cell" in r.data.tags]
 
 
+@pytest.mark.timeout(1800)  # four cells, a kill and a resume: longer than the suite's 600 s default
 def test_grid_killed_then_resumed_runs_each_cell_once_and_tables_match_mlflow(tmp_path):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(ABLATION, sort_keys=False))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
