@@ -203,6 +203,28 @@ def test_dry_run_validates_every_cell_and_trains_nothing(tmp_path, monkeypatch, 
     assert "pipeline.1.max_new_tokens=8 cannot hold the answer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["advantage", "aggregation", "dynamic-sampling", "entropy"])
+def test_the_grpo_variant_ablations_pass_the_dry_run(family, tmp_path, monkeypatch, capsys):
+    """Each GRPO-variant family's ablation file, on the CPU base, validates every cell (config, rewards, dataset
+    build, model, generation budget) and sweeps what it says."""
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))
+    path = __import__("pathlib").Path(__file__).parent.parent / "ablations" / f"axis-{family}.yaml"
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "every cell is valid" in out
+    ablation, tree = load_ablation(path)
+    assert ablation.base == "runs/cpu.yaml"
+    cells, _ = expand_cells(ablation, tree)
+    grpo = [c.cfg.pipeline[1] for c in cells]
+    swept = {
+        "advantage": {(g.scale_rewards, g.advantage_baseline, g.reward_combination) for g in grpo},
+        "aggregation": {(g.loss_aggregation, g.importance_ratio, g.clip_ratio_c) for g in grpo},
+        "dynamic-sampling": {g.dynamic_sampling for g in grpo},
+        "entropy": {(g.entropy_coef, g.top_entropy_fraction) for g in grpo},
+    }[family]
+    assert len(swept) == len(cells) // 2 // (2 if family == "dynamic-sampling" else 1)  # every combination, 2 seeds
+
+
 SHIPPED = sorted((__import__("pathlib").Path(__file__).parent.parent / "ablations").glob("*.yaml"))
 RUNS = sorted((SHIPPED[0].parent / "runs").glob("*.yaml")) if SHIPPED else []
 
@@ -210,7 +232,8 @@ RUNS = sorted((SHIPPED[0].parent / "runs").glob("*.yaml")) if SHIPPED else []
 def test_the_shipped_files_exist():
     names = {p.name for p in SHIPPED}
     assert {"quick.yaml", "paper.yaml"} <= names
-    for axis in ("reward", "group-size", "batch-scope", "beta", "softlabel", "dist2", "digit-weight"):
+    for axis in ("reward", "group-size", "batch-scope", "beta", "softlabel", "dist2", "digit-weight", "advantage",
+                 "aggregation", "dynamic-sampling", "entropy"):
         assert f"axis-{axis}.yaml" in names
     assert {p.name for p in RUNS} >= {"demo.yaml", "cpu.yaml", "gpu.yaml"}
 
