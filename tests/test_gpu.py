@@ -106,8 +106,8 @@ def pipeline_config(device: str, tmp_path: Path, zero_stage: int, lora: bool):
     """`sft:ce -> grpo:ccc` on one worker, evaluated at the end: a few steps of each stage."""
     return run_config(
         device, "pipeline=sft:ce -> grpo:ccc", "stages.sft.steps=6", "stages.grpo.steps=3",
-        "stages.grpo.micro_batch_size=4", "stages.grpo.max_new_tokens=12", "eval.max_new_tokens=12",
-        "eval.max_samples=16", "eval.splits=[val]", "tracking.log_every=1", "checkpoint.every_steps=3",
+        "stages.grpo.micro_batch_size=4", "eval.max_samples=16", "eval.splits=[val]", "tracking.log_every=1",
+        "checkpoint.every_steps=3",
         f"deepspeed.zero_stage={zero_stage}", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=8",
         "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"name=gpu-{zero_stage}{'-lora' if lora else ''}",
         f"storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -115,11 +115,16 @@ def pipeline_config(device: str, tmp_path: Path, zero_stage: int, lora: bool):
 
 
 @pytest.mark.parametrize("case", PIPELINE_CASES)
-def test_pipeline_configs_are_valid_for_the_gpu_and_the_cpu(case, tmp_path):
+def test_pipeline_configs_pass_every_check_before_ray_for_the_gpu_and_the_cpu(case, tmp_path):
+    """What the driver checks before Ray starts (data, model, generation budgets, tracking store) holds for the
+    GPU runs' configs too, here on CPU."""
+    from orchestrator.runtime.preflight import prepare_run
+
     zero_stage, lora = PIPELINE_CASES[case]
     gpu = pipeline_config("cuda", tmp_path, zero_stage, lora)
     assert gpu.scaling.use_gpu and gpu.deepspeed.precision == "bf16" and gpu.deepspeed.zero_stage == zero_stage
     assert [s.label() for s in gpu.pipeline] == ["sft:ce", "grpo:ccc"] and gpu.model.lora.enabled == lora
+    prepare_run(gpu)
     cpu = pipeline_config("cpu", tmp_path, zero_stage, lora)
     assert not cpu.scaling.use_gpu and cpu.deepspeed.precision == "fp32"
 

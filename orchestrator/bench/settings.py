@@ -101,7 +101,7 @@ def gpu_settings(shape: str, device: str = "cuda", zero_stage: int = GPU_ZERO_ST
     if tiny:
         return BenchSettings(
             overrides=("data.prompt_style=full",), sft_steps=4, sft_warmup=2, sft_micro_batch=4, sft_lr=1e-4,
-            grpo_steps=4, grpo_warmup=2, grpo_prompts=2, grpo_group=2, grpo_max_new_tokens=12, grpo_lr=1e-5,
+            grpo_steps=4, grpo_warmup=2, grpo_prompts=2, grpo_group=2, grpo_max_new_tokens=16, grpo_lr=1e-5,
             few_shot=1, **common,
         )
     return BenchSettings(
