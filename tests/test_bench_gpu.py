@@ -70,7 +70,8 @@ def gpu_result() -> dict:
         "grpo": {"describe": "B=8", "project": {"samples_per_s": 64.0, "step_s": 0.5,
                                                 "phases": {"generation": 0.3, "forward_backward": 0.1}},
                  "trl": {"samples_per_s": 32.0, "step_s": 1.0}},
-        "gpu": {"shape": "smollm2-135m", "peak": 7.9e14, "sft_flops": 1.2e15, "sft_mean_length": 612.0,
+        "gpu": {"shape": "smollm2-135m", "peak": 7.9e14, "peak_dtype": "bf16", "matmul_n": 8192, "sft_flops": 1.2e15,
+                "sft_mean_length": 612.0,
                 "project_mfu": 0.41, "trl_mfu": 0.2, "generation_share": 0.6, "grpo_step_ratio": 2.0,
                 "peak_memory_gib": {"project sft": 10.0, "TRL sft": 12.5, "project grpo": 3.0, "TRL grpo": None}},
         "notes": ["a note"],
@@ -80,6 +81,7 @@ def gpu_result() -> dict:
 def test_a_gpu_result_renders_mfu_generation_share_and_memory():
     text = bench.render_markdown(gpu_result())
     assert "`orchestrator bench --gpu`" in text and "+ 1 GPU" in text and "bf16" in text
+    assert "790.00 TFLOP/s bf16 matmul peak measured in this run (8192³ products)" in text
     assert "project **41.00%**, TRL 20.00%" in text and "generation is 60.00% of the project's step" in text
     assert "TRL's step takes 2.00× the project's" in text and "TRL grpo — GiB" in text
     assert "fp32 matmul peak" not in text  # the CPU bench's efficiency line is not used

@@ -148,8 +148,9 @@ def _gpu_efficiency(gpu: dict[str, Any]) -> list[str]:
     """bench --gpu: SFT MFU of both sides against the bf16 peak, generation's share, the memory peaks."""
     memory = ", ".join(f"{name} {_num(v, 2)} GiB" for name, v in gpu["peak_memory_gib"].items())
     return ["", (
-        f"SFT model-FLOP utilization, against the {_si(gpu['peak'])}FLOP/s bf16 matmul peak measured in this run "
-        f"(8192³ products): project **{_percent(gpu['project_mfu'], 1)}%**, TRL {_percent(gpu['trl_mfu'], 1)}% "
+        f"SFT model-FLOP utilization, against the {_si(gpu['peak'])}FLOP/s {gpu.get('peak_dtype', 'bf16')} matmul "
+        f"peak measured in this run ({gpu.get('matmul_n', 8192)}³ products): project "
+        f"**{_percent(gpu['project_mfu'], 1)}%**, TRL {_percent(gpu['trl_mfu'], 1)}% "
         f"({_si(gpu['sft_flops'])}FLOPs in the timed steps: every matmul and causal attention at each real position "
         f"where the project executes it, backward twice the forward; sequences of {_num(gpu['sft_mean_length'], 0)} "
         f"tokens on average). GRPO: generation is {_percent(gpu['generation_share'], 1)}% of the project's step; "

@@ -75,6 +75,7 @@ def _gpu_figures(s: BenchSettings, sft_cfg, model_source: str, project: dict[str
     grpo = project["grpo"]
     return {
         "shape": s.shape, "gpu": describe_gpu(), "sft_flops": flops, "peak": peak["peak"],
+        "peak_dtype": peak.get("dtype", "fp32"), "matmul_n": peak["matmul_n"],
         "sft_mean_length": sum(length for length, _ in rows) / len(rows),
         "project_mfu": utilization(flops, project["sft"]["seconds"], peak["peak"]),
         "trl_mfu": utilization(flops, trl_seconds, peak["peak"]),
