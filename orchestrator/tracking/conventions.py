@@ -164,7 +164,7 @@ def ensure_store(uri: str) -> None:
     with open(db.parent / f".{db.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not ready.exists():
-            _mlflow_client(uri).search_experiments(max_results=1)  # creates, or upgrades, the schema
+            retry_while_locked(lambda: _mlflow_client(uri).search_experiments(max_results=1))  # creates the schema
             ready.touch()
 
 
@@ -173,7 +173,7 @@ def tracking_client(uri: str):
     Constructing one creates (or migrates) a SQLite store's schema, so the store is made ready under a lock
     first; every client in this package comes from here."""
     ensure_store(uri)
-    return LockRetryingClient(_mlflow_client(uri))
+    return LockRetryingClient(retry_while_locked(_mlflow_client, uri))  # constructing one reads the store too
 
 
 LOCKED_RETRY_S = 120.0  # how long a call waits out a locked store before its error is raised
