@@ -68,7 +68,8 @@ def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, entropy: str | None
     if entropy not in ("detached", "differentiable"):
         raise ValueError(f"entropy must be None, 'detached' or 'differentiable', not {entropy!r}")
     with torch.set_grad_enabled(entropy == "differentiable" and torch.is_grad_enabled()):
-        return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        # Σ p·x as a batched dot product: no [N, T, V] product is materialised
+        return logp, lse - torch.einsum("...v,...v->...", torch.softmax(logits, dim=-1), logits)
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
