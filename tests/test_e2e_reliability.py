@@ -284,3 +284,58 @@ def test_a_sweep_resumed_with_its_axes_reordered_reruns_no_finished_cell(budget_
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and "exclude" in parent.data.tags["orchestrator.resume_changes"]
     assert "| sft:ce |" in outcome.table_markdown and "duplicate run" not in outcome.table_markdown
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_to_a_sweep_mid_cell_stops_it_at_a_checkpoint_and_resume_continues_there(tmp_path, ray_cluster,
+                                                                                        monkeypatch):
+    """SIGTERM to a sweep's driver mid-cell: the running cell stops at its next step boundary with a
+    checkpoint there, the cell and the sweep end KILLED with the reason, and `--resume` continues the cell at
+    that very step (0 steps lost)."""
+    from orchestrator.sweep.tune import run_sweep
+
+    ablation = {**BUDGET_ABLATION, "name": "halted", "timeout_s": None, "max_failures": 0,
+                "axes": {"pipeline": ["sft:ce"], "seed": [1]}}
+    ablation["base"] = {**ablation["base"], "stages": {"sft": {"steps": 30, "lr": 3.0e-3, "micro_batch_size": 8}}}
+    path = tmp_path / "halted.yaml"
+    path.write_text(yaml.safe_dump(ablation, sort_keys=False))
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+    def terminate_mid_cell():
+        deadline = time.time() + 300
+        while not (tmp_path / "mlruns" / "mlflow.db").exists():
+            assert time.time() < deadline
+            time.sleep(0.5)
+        client = MlflowClient(uri)
+        while True:
+            exp = client.get_experiment_by_name("halted")
+            runs = [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.cell" in r.data.tags] \
+                if exp else []
+            if runs and any(m.step >= 10 for m in client.get_metric_history(runs[0].info.run_id, "train/loss")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            assert time.time() < deadline, "the cell never reached step 10"
+            time.sleep(0.2)
+
+    sender = threading.Thread(target=terminate_mid_cell)
+    sender.start()
+    with pytest.raises(RunStopped, match=r"SIGTERM to the driver .* rerun with --resume"):
+        run_sweep(path)
+    sender.join()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("halted")
+    (cell,) = [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.cell" in r.data.tags]
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.cell" not in r.data.tags]
+    assert parent.info.status == "KILLED" and parent.data.tags["orchestrator.stopped"].startswith("SIGTERM")
+    assert cell.info.status == "KILLED"
+    run_dir = tmp_path / "results" / "halted" / cell.data.tags["orchestrator.cell"]
+    stop_step = latest_checkpoint_step(run_dir)
+    assert 10 < stop_step < 30 and f"at step {stop_step} " in cell.data.tags["orchestrator.stopped"]
+
+    outcome = run_sweep(path, resume=True)
+    assert not outcome.failed and outcome.skipped == 0
+    run = client.get_run(cell.info.run_id)
+    assert run.info.status == "FINISHED" and client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert run.data.tags["orchestrator.resumed_from"] == f"stage 0 step {stop_step}"  # 0 steps lost
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(5, 31, 5))

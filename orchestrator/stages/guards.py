@@ -96,6 +96,9 @@ class StepGuard:
         before = getattr(engine, "skipped_steps", 0)
         if bad and zero0:
             self._non_finite("loss or gradient")
+            if engine.bfloat16_enabled():  # its optimizer keeps fp32 copies of the gradients: dropping ours is no skip
+                raise NonFiniteError(f"non-finite loss or gradient in {self.where()}: skip_step needs fp32 or "
+                                     "deepspeed.zero_stage >= 1 under bf16")
             for p in engine.module.parameters():  # the update without gradients leaves every weight as it is
                 p.grad = None
             engine.step()
