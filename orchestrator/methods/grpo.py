@@ -1,5 +1,7 @@
-"""GRPO maths (METHODS §4), pure torch: advantages, KL estimators, the clipped policy loss and its
-aggregation. Each choice is a registry, so a config names it and a grid can sweep it."""
+"""GRPO maths (METHODS §4), pure torch: advantages (baseline, scaling, how reward terms combine), KL estimators
+and β's control, the clipped policy loss (importance ratio, dual clip, high-entropy tokens) and its aggregation.
+Each choice is a registry, so a config names it and a grid can sweep it. Whole-batch statistics come through an
+injected `reduce` (a sum over the workers), so the maths stays free of collectives."""
 
 from __future__ import annotations
 
