@@ -203,6 +203,8 @@ def test_entropy_bonus_and_top_entropy_fraction_in_the_loss():
                           top_entropy_fraction=0.5)
     k3 = 0.5 + math.log(2) - 1
     assert top["loss_sum"].item() == pytest.approx(-2.0 + 4 * 0.1 * k3)
+    with pytest.raises(ValueError, match="needs the policy's per-token entropy"):
+        grpo_loss_terms(logp, logp, None, torch.tensor([1.0]), mask, beta=0.0, top_entropy_fraction=0.5)
 
 
 # --------------------------------------------------------------------------- KL placement and control

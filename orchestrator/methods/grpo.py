@@ -349,6 +349,8 @@ def grpo_loss_terms(
     `entropy` [N, T], the policy's per-token entropy (differentiable when `entropy_coef` > 0), adds the bonus
     −entropy_coef·H on every completion token and, with `top_entropy_fraction` < 1, keeps the policy-gradient
     term on the highest-entropy tokens only."""
+    if entropy is None and (entropy_coef > 0 or top_entropy_fraction < 1.0):
+        raise ValueError("an entropy bonus or a top-entropy fraction needs the policy's per-token entropy")
     per_token, clipped = clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high, mask=mask,
                                              importance_ratio=importance_ratio, clip_ratio_c=clip_ratio_c)
     if top_entropy_fraction < 1.0:
