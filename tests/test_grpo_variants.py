@@ -315,3 +315,35 @@ def test_a_refreshed_reference_and_its_beta_are_what_a_resume_restores(zero, tmp
     assert restored.kl_coef == 0.0321
     assert all(torch.equal(p, policy[name]) for name, p in restored.model.named_parameters())
     assert start_reference(ctx, stage, None).kl_coef == stage.beta  # a fresh stage starts at its β
+
+
+def test_dynamic_sampling_draws_its_extra_prompts_from_a_resumable_stream():
+    """Extra draw d of step s on worker r reads B positions of the stage's seeded prompt stream, from
+    EXTRA_PROMPTS_START at slot (s·max_draws + d − 1)·world + r: the same prompts whenever the step is rerun, and
+    different ones for every (step, draw, worker)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from orchestrator.config import GRPOStage
+    from orchestrator.data.collate import stream_indices
+    from orchestrator.modeling.models import build_digit_tokenizer
+    from orchestrator.stages.grpo import EXTRA_PROMPTS_START, PromptSource
+
+    stage = GRPOStage(micro_batch_size=3, dynamic_sampling=True, dynamic_sampling_max_draws=2)
+    tokenizer = build_digit_tokenizer()
+
+    def source(rank: int) -> PromptSource:
+        ctx = SimpleNamespace(tokenizer=tokenizer, prompt_text=lambda p: p, rank=rank, world_size=2,
+                              image_batch=lambda images, rows: None)
+        return PromptSource(ctx, stage, [f"{i}" for i in range(1000)], np.arange(1000.0), {"id": list(range(1000))},
+                            None, seed=7)
+
+    drawn = source(1).extra_batch(4, 2)
+    slot = (4 * 2 + 2 - 1) * 2 + 1
+    assert drawn.indices.tolist() == stream_indices(1000, 7, EXTRA_PROMPTS_START + slot * 3, 3).tolist()
+    assert drawn.targets == drawn.indices.astype(float).tolist() and drawn.columns["id"] == drawn.indices.tolist()
+    assert source(1).extra_batch(4, 2).indices.tolist() == drawn.indices.tolist()  # a rerun draws the same
+    everything = [source(r).extra_batch(s, d).indices.tolist() for s in (4, 5) for d in (1, 2) for r in (0, 1)]
+    flat = [i for rows in everything for i in rows]
+    assert len(set(flat)) == len(flat)  # no two (step, draw, worker) share a prompt here (one epoch of the stream)
