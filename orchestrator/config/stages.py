@@ -226,8 +226,9 @@ class GRPOSettings(StageBase):
         False, description="DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups): drop the groups whose "
         "rewards all agree (no signal: every advantage 0) and draw more prompts, B at a time, until each worker "
         "has B groups that differ, at most dynamic_sampling_max_draws more draws (then the batch is filled with "
-        "agreeing groups, so every worker keeps B prompts). The extra prompts come from their own seeded stream, "
-        "so a resumed stage draws the same ones; batch-level terms (ccc) are scored again on the batch kept. "
+        "agreeing groups, so every worker keeps B prompts). The extra prompts come from the stage's seeded prompt "
+        "stream, at positions no step's own prompts reach, so a resumed stage draws the same ones; batch-level "
+        "terms (ccc) are scored again on the batch kept. "
         "train/zero_spread_groups (the fraction of the step's own groups that agree) is logged either way.",
     )
     dynamic_sampling_max_draws: int = Field(
