@@ -243,11 +243,11 @@ def test_every_shipped_ablation_expands_into_valid_cells(path):
     ablation, tree = load_ablation(path)
     cells, _ = expand_cells(ablation, tree)
     assert len(cells) >= 2 and all(c.cfg.name.startswith(ablation.name) for c in cells)
-    if path.name == "quick.yaml":  # the main job: the four pipelines of the question, two seeds, on movies
+    if path.name == "quick.yaml":  # the main job: the four pipelines of the question, two seeds, on diamonds
         assert sorted({c.cfg.pipeline_label() for c in cells}) == [
             "sft:ce", "sft:ce -> grpo:ccc", "sft:ce -> grpo:mae", "sft:softlabel"
         ]
-        assert {c.cfg.seed for c in cells} == {1, 2} and {c.cfg.data.name for c in cells} == {"movies"}
+        assert {c.cfg.seed for c in cells} == {1, 2} and {c.cfg.data.name for c in cells} == {"diamonds"}
 
 
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: p.name)
