@@ -26,8 +26,10 @@ from orchestrator.runtime.driver import RunFailed, RunStopped, run_training
 
 pytestmark = pytest.mark.e2e
 
-SFT_30 = ["pipeline.0.steps=30", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8", "checkpoint.every_steps=10",
-          "tracking.log_every=5", "eval.max_samples=24"]
+# Long enough that a signal sent once step 5 shows in MLflow lands mid-stage however fast the machine is: the
+# tiny model takes a few hundredths of a second a step, and metrics reach the store in batches.
+SFT_200 = ["pipeline.0.steps=200", "pipeline.0.lr=3e-3", "pipeline.0.micro_batch_size=8", "checkpoint.every_steps=10",
+           "tracking.log_every=5", "eval.max_samples=24"]
 
 
 def cli_args(tmp_path, *overrides: str) -> list[str]:
@@ -66,15 +68,15 @@ def test_a_second_process_on_a_live_run_exits_2_naming_the_holder(tmp_path, ray_
     from orchestrator.tracking.lease import Holder
     from orchestrator.tracking.runs import run_lease
 
-    cfg = make_cfg(tmp_path, "name=shared", *SFT_30, "pipeline.0.steps=20")
+    cfg = make_cfg(tmp_path, "name=shared", *SFT_200)
     stale = run_lease(cfg)  # a driver on another machine that went silent an hour ago
     stale.client.set_experiment_tag(stale.experiment_id, LEASE_TAG_PREFIX + run_key(cfg),
                                     Holder("gone-host", 4242, "stale", time.time() - 3600).text())
     first: dict = {}
     runner = threading.Thread(target=lambda: first.setdefault("outcome", run_training(cfg)))
     runner.start()
-    wait_for_step(cfg.tracking.tracking_uri, "shared", 5)
-    argv = ["train", *cli_args(tmp_path, "name=shared", *SFT_30, "pipeline.0.steps=20")]
+    run_id_named(MlflowClient(cfg.tracking.tracking_uri), "shared")  # created: its lease is held
+    argv = ["train", *cli_args(tmp_path, "name=shared", *SFT_200)]
     second = subprocess.run([sys.executable, "-m", "orchestrator", *argv], capture_output=True, text=True,
                             timeout=300)
     runner.join()
@@ -95,10 +97,10 @@ def test_a_second_process_on_a_live_run_exits_2_naming_the_holder(tmp_path, ray_
 def preempted(tmp_path_factory, ray_cluster):
     """A run SIGTERMed mid-stage; a restart with a changed config (refused); the same restart (resumed)."""
     tmp = tmp_path_factory.mktemp("preempted")
-    cfg = make_cfg(tmp, "name=preempted", *SFT_30)
+    cfg = make_cfg(tmp, "name=preempted", *SFT_200)
 
     def terminate_mid_stage():
-        wait_for_step(cfg.tracking.tracking_uri, "preempted", 10)
+        wait_for_step(cfg.tracking.tracking_uri, "preempted", 5)
         os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends a driver it evicts
 
     sender = threading.Thread(target=terminate_mid_stage)
@@ -110,7 +112,7 @@ def preempted(tmp_path_factory, ray_cluster):
     run = client.get_run(run_id_named(client, "preempted"))
     at_stop = SimpleNamespace(status=run.info.status, tags=run.data.tags,
                               checkpoint=latest_checkpoint_step(tmp / "results" / "preempted"))
-    refused = main(["train", *cli_args(tmp, "name=preempted", *SFT_30, "pipeline.0.lr=1e-3")])
+    refused = main(["train", *cli_args(tmp, "name=preempted", *SFT_200, "pipeline.0.lr=1e-3")])
     status_after_refusal = client.get_run(run.info.run_id).info.status
     resumed = run_training(cfg)
     return SimpleNamespace(tmp=tmp, cfg=cfg, client=client, run_id=run.info.run_id, stopped=stopped.value,
@@ -124,7 +126,7 @@ def test_sigterm_mid_stage_stops_at_a_step_boundary_and_a_rerun_resumes_there(pr
     that step, the run ends KILLED with the reason, and rerunning the same command resumes at that very step
     (0 steps lost); a rerun with a changed config is refused first, exit status 2, listing the change."""
     stop_step = preempted.at_stop.checkpoint
-    assert preempted.at_stop.status == "KILLED" and 10 < stop_step < 30
+    assert preempted.at_stop.status == "KILLED" and 5 < stop_step < 200
     reason = preempted.at_stop.tags["orchestrator.stopped"]
     assert reason.startswith(f"SIGTERM to the driver (pid {os.getpid()})") and f"at step {stop_step} " in reason
     assert str(preempted.stopped).startswith("run 'preempted' stopped: SIGTERM to the driver")
@@ -136,7 +138,7 @@ def test_sigterm_mid_stage_stops_at_a_step_boundary_and_a_rerun_resumes_there(pr
     assert run.info.status == "FINISHED"
     assert run.data.tags["orchestrator.resumed_from"] == f"stage 0 step {stop_step}"  # 0 steps lost
     steps = [s for s, _ in metric_history(preempted.resumed.tracking_uri, preempted.run_id, "train/loss")]
-    assert sorted(steps) == list(range(5, 31, 5)), steps  # none missing, none trained twice
+    assert sorted(steps) == list(range(5, 201, 5)), steps  # none missing, none trained twice
 
 
 @pytest.mark.timeout(900)
@@ -147,7 +149,7 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_complete_one(pree
     before = dict(metric_history(preempted.resumed.tracking_uri, preempted.run_id, "train/loss"))
     latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     latest = latest["latest_checkpoint_result"]["checkpoint_dir_name"]
-    assert json.loads((run_dir / latest / "orchestrator_state.json").read_text())["step"] == 30
+    assert json.loads((run_dir / latest / "orchestrator_state.json").read_text())["step"] == 200
     kept = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())  # num_to_keep=2: two, by time
     assert len(kept) == 2 and kept[-1] == latest
     previous = json.loads((run_dir / kept[0] / "orchestrator_state.json").read_text())["step"]
@@ -296,7 +298,7 @@ def test_sigterm_to_a_sweep_mid_cell_stops_it_at_a_checkpoint_and_resume_continu
 
     ablation = {**BUDGET_ABLATION, "name": "halted", "timeout_s": None, "max_failures": 0,
                 "axes": {"pipeline": ["sft:ce"], "seed": [1]}}
-    ablation["base"] = {**ablation["base"], "stages": {"sft": {"steps": 30, "lr": 3.0e-3, "micro_batch_size": 8}}}
+    ablation["base"] = {**ablation["base"], "stages": {"sft": {"steps": 200, "lr": 3.0e-3, "micro_batch_size": 8}}}
     path = tmp_path / "halted.yaml"
     path.write_text(yaml.safe_dump(ablation, sort_keys=False))
     monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))
@@ -312,10 +314,10 @@ def test_sigterm_to_a_sweep_mid_cell_stops_it_at_a_checkpoint_and_resume_continu
             exp = client.get_experiment_by_name("halted")
             runs = [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.cell" in r.data.tags] \
                 if exp else []
-            if runs and any(m.step >= 10 for m in client.get_metric_history(runs[0].info.run_id, "train/loss")):
+            if runs and any(m.step >= 5 for m in client.get_metric_history(runs[0].info.run_id, "train/loss")):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            assert time.time() < deadline, "the cell never reached step 10"
+            assert time.time() < deadline, "the cell never reached step 5"
             time.sleep(0.2)
 
     sender = threading.Thread(target=terminate_mid_cell)
@@ -331,11 +333,11 @@ def test_sigterm_to_a_sweep_mid_cell_stops_it_at_a_checkpoint_and_resume_continu
     assert cell.info.status == "KILLED"
     run_dir = tmp_path / "results" / "halted" / cell.data.tags["orchestrator.cell"]
     stop_step = latest_checkpoint_step(run_dir)
-    assert 10 < stop_step < 30 and f"at step {stop_step} " in cell.data.tags["orchestrator.stopped"]
+    assert 5 < stop_step < 200 and f"at step {stop_step} " in cell.data.tags["orchestrator.stopped"]
 
     outcome = run_sweep(path, resume=True)
     assert not outcome.failed and outcome.skipped == 0
     run = client.get_run(cell.info.run_id)
     assert run.info.status == "FINISHED" and client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert run.data.tags["orchestrator.resumed_from"] == f"stage 0 step {stop_step}"  # 0 steps lost
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(5, 31, 5))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(5, 201, 5))
