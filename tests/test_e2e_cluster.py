@@ -58,16 +58,18 @@ class Cluster:
 
     def start_isolated_node(self, cpus: int = 2) -> str:
         """A worker node in its own mount namespace: the driver's home and cache are empty tmpfs there, and
-        its HOME is a private one. Returns its Ray node id once it has joined."""
-        before = {n["node_id"] for n in self.alive_nodes()}
+        its HOME is a private one. Returns its Ray node id once it has joined, found by a resource only it
+        offers (a listing taken before it joined may be empty while the head's dashboard still starts)."""
         agent, grpc, env_agent, metrics = free_ports(4)
         low = 33000 + 500 * len(self.nodes)
         node_home = self.home.parent / f"node-home-{len(self.nodes)}"
         node_home.mkdir()
+        marker = f"isolated_node_{len(self.nodes)}"
         hidden = [str(self.home), str(self.cache), str(node_home)]
         mounts = " && ".join(f"mount -t tmpfs tmpfs {p!r}" for p in hidden)
         command = (
             f"{mounts} && exec {BIN / 'ray'} start --address 127.0.0.1:{self.gcs} --num-cpus {cpus} --block "
+            f"--resources '{json.dumps({marker: 1})}' "
             f"--dashboard-agent-listen-port {agent} --dashboard-agent-grpc-port {grpc} "
             f"--runtime-env-agent-port {env_agent} --metrics-export-port {metrics} "
             f"--min-worker-port {low} --max-worker-port {low + 499} --disable-usage-stats"
@@ -76,8 +78,11 @@ class Cluster:
                                 env={**self.env, "HOME": str(node_home)}, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.nodes.append(node)
-        joined = wait_for(lambda: {n["node_id"] for n in self.alive_nodes()} - before, 120, "a worker node to join")
-        return joined.pop()
+
+        def joined() -> str | None:
+            return next((n["node_id"] for n in self.alive_nodes() if marker in n.get("resources_total", {})), None)
+
+        return wait_for(joined, 120, "a worker node to join")
 
     def kill(self, node: subprocess.Popen) -> None:
         os.killpg(node.pid, signal.SIGKILL)  # the node and everything on it, without a goodbye
@@ -174,9 +179,16 @@ def test_a_sweep_runs_on_a_node_that_cannot_see_the_driver_disk(cluster):
     """A two-cell sweep whose workers all run on a node that cannot see the driver's disk: the dataset and
     checkpoints go through S3, the metrics, predictions and plots through the MLflow server; the sweep
     finishes and its tables match the store"""
+    node = cluster.start_isolated_node(cpus=2)
+    try:
+        check_the_isolated_sweep(cluster, node)
+    finally:  # the next test needs its own node to be the only one with CPUs
+        cluster.kill(cluster.nodes[-1])
+
+
+def check_the_isolated_sweep(cluster: Cluster, node: str) -> None:
     from orchestrator.reporting.tables import write_tables
 
-    node = cluster.start_isolated_node(cpus=2)
     sweep = cluster.sweep("isolated", {"seed": [1, 2]}, "stages.sft.steps=30", "checkpoint.every_steps=10")
     out, _ = sweep.communicate(timeout=800)
     assert sweep.returncode == 0, out[-6000:]
@@ -205,7 +217,6 @@ def test_a_sweep_runs_on_a_node_that_cannot_see_the_driver_disk(cluster):
     assert (cluster.home / "rebuilt" / "paper.csv").read_text() == written and rebuilt.paths
     rows = list(csv.DictReader(written.splitlines()))
     assert rows and rows[0]["pipeline"] == "sft:ce"
-    cluster.kill(cluster.nodes[-1])
 
 
 @pytest.mark.timeout(900)
