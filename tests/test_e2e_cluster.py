@@ -51,9 +51,13 @@ class Cluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def alive_nodes(self) -> list[dict]:
+        """The ALIVE nodes, or [] while the head's state API does not answer."""
         done = self.ray("list", "nodes", "--format", "json", "--address", f"127.0.0.1:{self.gcs}")
-        start = done.stdout.find("[")  # log lines may come first
-        rows = json.loads(done.stdout[start:]) if start >= 0 else []
+        start = 0 if done.stdout.startswith("[") else done.stdout.find("\n[") + 1  # log lines may come first
+        try:
+            rows = json.loads(done.stdout[start:]) if done.returncode == 0 else []
+        except json.JSONDecodeError:
+            rows = []
         return [n for n in rows if n["state"] == "ALIVE"]
 
     def start_isolated_node(self, cpus: int = 2) -> str:
@@ -61,7 +65,9 @@ class Cluster:
         its HOME is a private one. Returns its Ray node id once it has joined, found by a resource only it
         offers (a listing taken before it joined may be empty while the head's dashboard still starts)."""
         agent, grpc, env_agent, metrics = free_ports(4)
-        low = 33000 + 500 * len(self.nodes)
+        # Below Linux's ephemeral range (32768+), where free_ports' ports come from: Ray refuses to start a
+        # node whose agent port falls inside its own worker-port range.
+        low = 28000 + 500 * len(self.nodes)
         node_home = self.home.parent / f"node-home-{len(self.nodes)}"
         node_home.mkdir()
         marker = f"isolated_node_{len(self.nodes)}"
@@ -74,15 +80,23 @@ class Cluster:
             f"--runtime-env-agent-port {env_agent} --metrics-export-port {metrics} "
             f"--min-worker-port {low} --max-worker-port {low + 499} --disable-usage-stats"
         )
-        node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", command],
-                                env={**self.env, "HOME": str(node_home)}, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.home.parent / f"{marker}.log"
+        with log.open("w") as output:
+            node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", command],
+                                    env={**self.env, "HOME": str(node_home)}, start_new_session=True,
+                                    stdout=output, stderr=subprocess.STDOUT)
         self.nodes.append(node)
+        listed: list[dict] = []
 
         def joined() -> str | None:
-            return next((n["node_id"] for n in self.alive_nodes() if marker in n.get("resources_total", {})), None)
+            listed[:] = self.alive_nodes()
+            return next((n["node_id"] for n in listed if marker in n.get("resources_total", {})), None)
 
-        return wait_for(joined, 120, "a worker node to join")
+        try:
+            return wait_for(joined, 180, "a worker node to join")
+        except AssertionError as late:
+            nodes = [(n["node_id"][:8], n.get("resources_total")) for n in listed]
+            raise AssertionError(f"{late}; alive: {nodes}; its `ray start` printed:\n{log.read_text()[-3000:]}")
 
     def kill(self, node: subprocess.Popen) -> None:
         os.killpg(node.pid, signal.SIGKILL)  # the node and everything on it, without a goodbye
