@@ -671,86 +671,9 @@ def test_ray_job_submit_to_the_scripted_head(tmp_path):
         assert len(token) == 64 and oct(token_file.stat().st_mode)[-3:] == "600"
         api = exports["RAY_API_SERVER_ADDRESS"]
 
-        # Auth is on: a client with no token (none in env, none in a home dir) and one with a wrong
-        # token are both turned away before anything reaches the cluster.
-        nohome = root / "nohome"
-        nohome.mkdir()
-        probe = [str(RAY_BIN), "job", "submit", "--no-wait", "--", "python", "-c", "pass"]
-        refused = subprocess.run(
-            probe, cwd=ROOT, capture_output=True, text=True, timeout=60,
-            env={**base_env, "HOME": str(nohome), "RAY_API_SERVER_ADDRESS": api},
-        )  # fmt: skip
-        assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr
-        wrong = subprocess.run(
-            probe, cwd=ROOT, capture_output=True, text=True, timeout=60,
-            env={**base_env, "HOME": str(nohome), "RAY_API_SERVER_ADDRESS": api, "RAY_AUTH_MODE": "token",
-                 "RAY_AUTH_TOKEN": "0" * 64},
-        )  # fmt: skip
-        assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
-        assert http_status(f"{api}/api/jobs/")[0] == 401
-        assert http_status(f"{api}/api/authentication_mode")[1] and json.loads(
-            http_status(f"{api}/api/authentication_mode")[1]
-        ) == {"authentication_mode": "token"}
-
-        # What a driver sees: the head's environment (ORCHESTRATOR_HOME, the venv's python first on
-        # PATH) plus the job's own env_vars, which may repeat one init_ray sets without a conflict.
-        probe_code = (
-            "import os, shutil, sys; from orchestrator.runtime.ray_setup import init_ray; init_ray(); "
-            "print('PROBE', os.environ['ORCHESTRATOR_HOME'], shutil.which('python'), sys.executable, "
-            "os.environ['OMP_NUM_THREADS'], os.getcwd())"
-        )
-        t0 = time.perf_counter()
-        probed = subprocess.run(
-            [str(RAY_BIN), "job", "submit", "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1"}}),
-             "--", "python", "-c", probe_code],
-            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**base_env, **exports},
-        )  # fmt: skip
-        timings["probe job"] = time.perf_counter() - t0
-        assert probed.returncode == 0, (probed.stdout + probed.stderr)[-3000:]
-        seen = re.search(r"^PROBE (\S+) (\S+) (\S+) (\S+) (\S+)$", probed.stdout, re.MULTILINE)
-        assert seen, probed.stdout[-3000:]
-        assert seen[1] == str(home)
-        assert Path(seen[2]).parent == Path(sys.prefix) / "bin" and Path(seen[3]).parent == Path(sys.prefix) / "bin"
-        assert "working_dir_files" in seen[5]  # the driver really runs in Ray's copy, not the checkout
-
-        # The documented line, with the exported environment: the driver runs in Ray's copy of
-        # the checkout, yet writes data, checkpoints and the MLflow run under ORCHESTRATOR_HOME.
-        t0 = time.perf_counter()
-        ablation = home / "infra-grid.yaml"
-        ablation.write_text(yaml.safe_dump({"name": "infra-grid", "overrides": TINY_RUN, "axes": {"seed": [1, 2]}}))
-        submitted = subprocess.run(
-            [str(RAY_BIN), "job", "submit", "--working-dir", ".", "--", "python", "jobs/sweep.py", str(ablation)],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base_env, **exports},
-        )  # fmt: skip
-        timings["sweep job"] = time.perf_counter() - t0
-        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
-        assert "succeeded" in submitted.stdout + submitted.stderr
-        assert "| pipeline |" in submitted.stdout  # the job's log ends with the paper table
-
-        status, body = http_status(f"{api}/api/jobs/", token)
-        jobs = json.loads(body)
-        assert status == 200 and len(jobs) == 2, jobs  # the refused submissions never arrived
-        assert all(j["status"] == "SUCCEEDED" for j in jobs)
-        assert any("jobs/sweep.py" in j["entrypoint"] for j in jobs)
-
-        from mlflow import MlflowClient
-
-        store = home / "mlruns" / "mlflow.db"
-        assert store.is_file(), "the MLflow store is not under ORCHESTRATOR_HOME"
-        client = MlflowClient(f"sqlite:///{store}")
-        runs = client.search_runs([client.get_experiment_by_name("infra-grid").experiment_id])
-        parent = [r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]
-        cells = [r for r in runs if "orchestrator.cell" in r.data.tags]
-        assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-        assert len(cells) == 2 and all(r.info.status == "FINISHED" for r in cells)
-        assert {r.data.params["seed"] for r in cells} == {"1", "2"}
-        for run in cells:
-            assert {"test/all/mae", "test/few/mae", "val/all/mae"} <= set(run.data.metrics)
-            assert run.data.params["scaling.num_workers"] == "1"
-            assert any((home / "results" / "infra-grid" / run.info.run_name).glob("checkpoint_*"))
-        assert (home / "results" / "tables" / "infra-grid" / "paper.md").is_file()
-        assert (home / "data").is_dir()
+        check_token_auth(api, base_env, root)
+        check_the_driver_environment(exports, base_env, home, timings)
+        check_the_documented_sweep_job(exports, base_env, home, api, token, timings)
     finally:
         head_pid = int((state / "head.pid").read_text()) if (state / "head.pid").exists() else None
         t0 = time.perf_counter()
@@ -763,7 +686,99 @@ def test_ray_job_submit_to_the_scripted_head(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stderr
     assert not (state / "head.pid").exists()
-    # Nothing of the head is left: not `ray start`, not a process of its session, not a listener.
+    check_nothing_of_the_head_is_left(head_pid, gcs, dashboard)
+
+
+def check_token_auth(api: str, base_env: dict, root: Path) -> None:
+    """Auth is on: a client with no token (none in env, none in a home dir) and one with a wrong
+    token are both turned away before anything reaches the cluster."""
+    nohome = root / "nohome"
+    nohome.mkdir()
+    probe = [str(RAY_BIN), "job", "submit", "--no-wait", "--", "python", "-c", "pass"]
+    refused = subprocess.run(
+        probe, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**base_env, "HOME": str(nohome), "RAY_API_SERVER_ADDRESS": api},
+    )  # fmt: skip
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr
+    wrong = subprocess.run(
+        probe, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**base_env, "HOME": str(nohome), "RAY_API_SERVER_ADDRESS": api, "RAY_AUTH_MODE": "token",
+             "RAY_AUTH_TOKEN": "0" * 64},
+    )  # fmt: skip
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
+    assert http_status(f"{api}/api/jobs/")[0] == 401
+    assert http_status(f"{api}/api/authentication_mode")[1] and json.loads(
+        http_status(f"{api}/api/authentication_mode")[1]
+    ) == {"authentication_mode": "token"}
+
+
+def check_the_driver_environment(exports: dict, base_env: dict, home: Path, timings: dict) -> None:
+    """What a driver sees: the head's environment (ORCHESTRATOR_HOME, the venv's python first on
+    PATH) plus the job's own env_vars, which may repeat one init_ray sets without a conflict."""
+    probe_code = (
+        "import os, shutil, sys; from orchestrator.runtime.ray_setup import init_ray; init_ray(); "
+        "print('PROBE', os.environ['ORCHESTRATOR_HOME'], shutil.which('python'), sys.executable, "
+        "os.environ['OMP_NUM_THREADS'], os.getcwd())"
+    )
+    t0 = time.perf_counter()
+    probed = subprocess.run(
+        [str(RAY_BIN), "job", "submit", "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1"}}),
+         "--", "python", "-c", probe_code],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**base_env, **exports},
+    )  # fmt: skip
+    timings["probe job"] = time.perf_counter() - t0
+    assert probed.returncode == 0, (probed.stdout + probed.stderr)[-3000:]
+    seen = re.search(r"^PROBE (\S+) (\S+) (\S+) (\S+) (\S+)$", probed.stdout, re.MULTILINE)
+    assert seen, probed.stdout[-3000:]
+    assert seen[1] == str(home)
+    assert Path(seen[2]).parent == Path(sys.prefix) / "bin" and Path(seen[3]).parent == Path(sys.prefix) / "bin"
+    assert "working_dir_files" in seen[5]  # the driver really runs in Ray's copy, not the checkout
+
+
+def check_the_documented_sweep_job(exports: dict, base_env: dict, home: Path, api: str, token: str,
+                                   timings: dict) -> None:
+    """The documented line, with the exported environment: the driver runs in Ray's copy of
+    the checkout, yet writes data, checkpoints and the MLflow run under ORCHESTRATOR_HOME."""
+    t0 = time.perf_counter()
+    ablation = home / "infra-grid.yaml"
+    ablation.write_text(yaml.safe_dump({"name": "infra-grid", "overrides": TINY_RUN, "axes": {"seed": [1, 2]}}))
+    submitted = subprocess.run(
+        [str(RAY_BIN), "job", "submit", "--working-dir", ".", "--", "python", "jobs/sweep.py", str(ablation)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base_env, **exports},
+    )  # fmt: skip
+    timings["sweep job"] = time.perf_counter() - t0
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
+    assert "succeeded" in submitted.stdout + submitted.stderr
+    assert "| pipeline |" in submitted.stdout  # the job's log ends with the paper table
+
+    status, body = http_status(f"{api}/api/jobs/", token)
+    jobs = json.loads(body)
+    assert status == 200 and len(jobs) == 2, jobs  # the refused submissions never arrived
+    assert all(j["status"] == "SUCCEEDED" for j in jobs)
+    assert any("jobs/sweep.py" in j["entrypoint"] for j in jobs)
+
+    from mlflow import MlflowClient
+
+    store = home / "mlruns" / "mlflow.db"
+    assert store.is_file(), "the MLflow store is not under ORCHESTRATOR_HOME"
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("infra-grid").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]
+    cells = [r for r in runs if "orchestrator.cell" in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert len(cells) == 2 and all(r.info.status == "FINISHED" for r in cells)
+    assert {r.data.params["seed"] for r in cells} == {"1", "2"}
+    for run in cells:
+        assert {"test/all/mae", "test/few/mae", "val/all/mae"} <= set(run.data.metrics)
+        assert run.data.params["scaling.num_workers"] == "1"
+        assert any((home / "results" / "infra-grid" / run.info.run_name).glob("checkpoint_*"))
+    assert (home / "results" / "tables" / "infra-grid" / "paper.md").is_file()
+    assert (home / "data").is_dir()
+
+
+def check_nothing_of_the_head_is_left(head_pid: int | None, gcs: int, dashboard: int) -> None:
+    """Nothing of the head is left: not `ray start`, not a process of its session, not a listener."""
     assert head_pid is not None
     with pytest.raises(ProcessLookupError):
         os.kill(head_pid, 0)
