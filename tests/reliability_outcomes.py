@@ -2,7 +2,8 @@
 
 README.md's list of faults survived is generated from the fault tests (tests/render_reliability.py); it
 must not claim a fault survived when its test did not run. This plugin records, for every test of
-render_reliability.FAULT_FILES that runs, `passed`, or `skipped` with pytest's reason, in
+render_reliability.FAULT_FILES that runs, `passed` (with the figure the test measured, if it recorded one
+with `record_property("figure", ...)`), or `skipped` with pytest's reason, in
 tests/reliability-outcomes.json (committed beside the tests). A failure is not recorded: it fails the
 suite, and a test is listed again once it passes. Tests that did not run keep their earlier record.
 """
@@ -41,6 +42,9 @@ def pytest_runtest_logreport(report) -> None:
         _seen[report.nodeid] = {"outcome": "skipped", "reason": _skip_reason(report)}
     elif report.when == "call" and report.passed and report.nodeid not in _seen:
         _seen[report.nodeid] = {"outcome": "passed"}
+        figure = dict(getattr(report, "user_properties", ())).get("figure")
+        if figure:
+            _seen[report.nodeid]["figure"] = str(figure)
     elif report.failed:
         _seen.pop(report.nodeid, None)  # a failure is the suite's news, not the README's
 

@@ -57,7 +57,7 @@ def fault_tests(root: Path = ROOT, outcomes: dict[str, dict[str, str]] | None = 
 
 
 def read_outcomes(path: Path = OUTCOMES) -> dict[str, dict[str, str]]:
-    """test node id -> {"outcome": "passed" | "skipped", "reason"} from the tests' last runs."""
+    """test node id -> {"outcome": "passed" | "skipped", "reason" or "figure"} from the tests' last runs."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -69,7 +69,7 @@ def _outcome_note(outcome: dict[str, str] | None) -> str:
         return " — **not run yet**"
     if outcome.get("outcome") == "skipped":
         return f" — **skipped** in its last run: {outcome.get('reason') or 'no reason given'}"
-    return ""
+    return f" — last run: {outcome['figure']}" if outcome.get("figure") else ""
 
 
 def _tables():

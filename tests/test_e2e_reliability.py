@@ -60,7 +60,7 @@ def latest_checkpoint_step(run_dir) -> int:
 
 
 @pytest.mark.timeout(600)
-def test_a_second_process_on_a_live_run_exits_2_naming_the_holder(tmp_path, ray_cluster):
+def test_a_second_process_on_a_live_run_exits_2_naming_the_holder(tmp_path, ray_cluster, record_property):
     """Two `orchestrator train` of one run at once: the second exits with status 2 before any compute,
     naming the process that writes the run, and the first finishes alone in its MLflow run; a lease left by a
     process whose heartbeat stopped is taken over."""
@@ -77,8 +77,10 @@ def test_a_second_process_on_a_live_run_exits_2_naming_the_holder(tmp_path, ray_
     runner.start()
     run_id_named(MlflowClient(cfg.tracking.tracking_uri), "shared")  # created: its lease is held
     argv = ["train", *cli_args(tmp_path, "name=shared", *SFT_200)]
+    started = time.time()
     second = subprocess.run([sys.executable, "-m", "orchestrator", *argv], capture_output=True, text=True,
                             timeout=300)
+    refused_after = time.time() - started
     runner.join()
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"run 'shared' is being written by process {os.getpid()} on " in second.stderr
@@ -88,6 +90,8 @@ def test_a_second_process_on_a_live_run_exits_2_naming_the_holder(tmp_path, ray_
     (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'shared'")
     assert run.info.run_id == first["outcome"].run_id and run.info.status == "FINISHED"
     assert LEASE_TAG_PREFIX + run_key(cfg) not in client.get_experiment(exp.experiment_id).tags  # released
+    record_property("figure", f"the second process exited 2 after {refused_after:.0f} s naming the holder; the "
+                              "first took over a lease silent for an hour and finished")
 
 
 # --------------------------------------------------------------------------- SIGTERM, then a damaged checkpoint
@@ -121,7 +125,7 @@ def preempted(tmp_path_factory, ray_cluster):
 
 
 @pytest.mark.timeout(900)
-def test_sigterm_mid_stage_stops_at_a_step_boundary_and_a_rerun_resumes_there(preempted, capsys):
+def test_sigterm_mid_stage_stops_at_a_step_boundary_and_a_rerun_resumes_there(preempted, record_property):
     """SIGTERM to a training driver mid-stage: its workers stop at the next step boundary and checkpoint
     that step, the run ends KILLED with the reason, and rerunning the same command resumes at that very step
     (0 steps lost); a rerun with a changed config is refused first, exit status 2, listing the change."""
@@ -139,10 +143,11 @@ def test_sigterm_mid_stage_stops_at_a_step_boundary_and_a_rerun_resumes_there(pr
     assert run.data.tags["orchestrator.resumed_from"] == f"stage 0 step {stop_step}"  # 0 steps lost
     steps = [s for s, _ in metric_history(preempted.resumed.tracking_uri, preempted.run_id, "train/loss")]
     assert sorted(steps) == list(range(5, 201, 5)), steps  # none missing, none trained twice
+    record_property("figure", f"SIGTERM at step {stop_step}: resumed at {stop_step}, 0 steps lost")
 
 
 @pytest.mark.timeout(900)
-def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_complete_one(preempted):
+def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_complete_one(preempted, record_property):
     """Bytes flipped in a run's latest checkpoint (its size unchanged): the restart finds the sha256 mismatch,
     resumes from the previous complete checkpoint, names the damaged one on the run, and ends as before."""
     client, run_dir = preempted.client, preempted.tmp / "results" / "preempted"
@@ -167,13 +172,15 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_complete_one(pree
     history = metric_history(again.tracking_uri, again.run_id, "train/loss")
     for step, value in history:  # the steps after `previous` trained again: the same losses
         assert value == pytest.approx(before[step], rel=1e-5), step
+    record_property("figure", f"the step-200 checkpoint damaged: resumed from step {previous}, steps "
+                              f"{previous + 1}–200 retrained to the same losses")
 
 
 # --------------------------------------------------------------------------- non-finite losses
 
 
 @pytest.mark.timeout(600)
-def test_a_nonfinite_loss_fails_the_run_naming_the_stage_and_step(tmp_path, ray_cluster):
+def test_a_nonfinite_loss_fails_the_run_naming_the_stage_and_step(tmp_path, ray_cluster, record_property):
     """A loss that turns NaN at step 2 (an lr of 1e38): the run is FAILED naming the stage and step, and
     never FINISHED into the tables; with guard.on_nonfinite=skip_step every such update is skipped and counted
     in train/skipped_steps."""
@@ -190,6 +197,7 @@ def test_a_nonfinite_loss_fails_the_run_naming_the_stage_and_step(tmp_path, ray_
     skipping = run_training(make_cfg(tmp_path, "name=nan-skip", *blowup, "guard.on_nonfinite=skip_step"))
     assert client.get_run(skipping.run_id).info.status == "FINISHED"
     assert metric_history(skipping.tracking_uri, skipping.run_id, "train/skipped_steps") == [(3, 2.0), (6, 5.0)]
+    record_property("figure", "fail: FAILED at stage 0 step 2; skip_step: 5 of 6 updates skipped, FINISHED")
 
 
 # --------------------------------------------------------------------------- a sweep: time budget, reordered axes
@@ -235,7 +243,7 @@ def budget_sweep(tmp_path_factory, ray_cluster):
 
 
 @pytest.mark.timeout(900)
-def test_a_reward_that_never_returns_times_out_its_cell_and_the_sweep_goes_on(budget_sweep):
+def test_a_reward_that_never_returns_times_out_its_cell_and_the_sweep_goes_on(budget_sweep, record_property):
     """A sweep cell whose reward never returns is stopped by the ablation's timeout_s and FAILED "timed out
     after 120 s", attempted once (Tune does not restart a cell, Ray Train's budget is the ablation's
     max_failures); the other cell finishes, and the table leaves the failed run out and names it below."""
@@ -258,10 +266,12 @@ def test_a_reward_that_never_returns_times_out_its_cell_and_the_sweep_goes_on(bu
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    record_property("figure", f"the stuck cell FAILED at its 120 s budget, once; the sweep ended in "
+                              f"{budget_sweep.seconds:.0f} s with the other cell FINISHED")
 
 
 @pytest.mark.timeout(900)
-def test_a_sweep_resumed_with_its_axes_reordered_reruns_no_finished_cell(budget_sweep, capsys):
+def test_a_sweep_resumed_with_its_axes_reordered_reruns_no_finished_cell(budget_sweep, capsys, record_property):
     """A sweep resumed with its axes listed in another order finds its finished cells by their config: none
     is rerun and the tables count each once; a changed grid is refused until --allow-changed-resume, which
     tags the sweep with the change."""
@@ -286,11 +296,12 @@ def test_a_sweep_resumed_with_its_axes_reordered_reruns_no_finished_cell(budget_
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and "exclude" in parent.data.tags["orchestrator.resume_changes"]
     assert "| sft:ce |" in outcome.table_markdown and "duplicate run" not in outcome.table_markdown
+    record_property("figure", "1 finished cell found by its config, 0 rerun, 2 cell runs in the store")
 
 
 @pytest.mark.timeout(900)
 def test_sigterm_to_a_sweep_mid_cell_stops_it_at_a_checkpoint_and_resume_continues_there(tmp_path, ray_cluster,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, record_property):
     """SIGTERM to a sweep's driver mid-cell: the running cell stops at its next step boundary with a
     checkpoint there, the cell and the sweep end KILLED with the reason, and `--resume` continues the cell at
     that very step (0 steps lost)."""
@@ -341,3 +352,4 @@ def test_sigterm_to_a_sweep_mid_cell_stops_it_at_a_checkpoint_and_resume_continu
     assert run.info.status == "FINISHED" and client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert run.data.tags["orchestrator.resumed_from"] == f"stage 0 step {stop_step}"  # 0 steps lost
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(5, 201, 5))
+    record_property("figure", f"SIGTERM at step {stop_step}: the cell resumed at {stop_step}, 0 steps lost")

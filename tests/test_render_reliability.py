@@ -19,6 +19,9 @@ def test_a_skipped_fault_test_is_listed_as_skipped_with_its_reason():
     skipped = fault_tests(outcomes={DISK: {"outcome": "skipped", "reason": "cannot mount a small filesystem"}})
     assert line_of(skipped, "The checkpoint disk fills up").endswith(
         "same MLflow run — **skipped** in its last run: cannot mount a small filesystem")
+    measured = fault_tests(outcomes={DISK: {"outcome": "passed", "figure": "full after step 10, resumed at 10"}})
+    assert line_of(measured, "The checkpoint disk fills up").endswith(
+        "same MLflow run — last run: full after step 10, resumed at 10")
     never = fault_tests(outcomes={})
     assert line_of(never, "The checkpoint disk fills up").endswith("— **not run yet**")
 
@@ -31,19 +34,20 @@ def test_the_plugin_records_passes_and_skips_and_keeps_earlier_records(tmp_path,
     monkeypatch.setattr(reliability_outcomes, "read_outcomes", lambda: reliability_outcomes.json.loads(
         outcomes.read_text()))
 
-    def report(nodeid, when, outcome, longrepr=None):
+    def report(nodeid, when, outcome, longrepr=None, figure=None):
         return SimpleNamespace(nodeid=nodeid, when=when, skipped=outcome == "skipped", passed=outcome == "passed",
-                               failed=outcome == "failed", longrepr=longrepr)
+                               failed=outcome == "failed", longrepr=longrepr,
+                               user_properties=[("figure", figure)] if figure else [])
 
     log = reliability_outcomes.pytest_runtest_logreport
     log(report(DISK, "setup", "skipped", ("test_e2e_faults.py", 3, "Skipped: cannot mount a small filesystem")))
     log(report("tests/test_e2e_reliability.py::test_b", "setup", "passed"))
-    log(report("tests/test_e2e_reliability.py::test_b", "call", "passed"))
+    log(report("tests/test_e2e_reliability.py::test_b", "call", "passed", figure="SIGTERM at step 7: resumed at 7"))
     log(report("tests/test_e2e_reliability.py::test_c", "call", "failed"))  # not recorded: the suite fails
     log(report("tests/test_sweep.py::test_not_a_fault_test", "call", "passed"))
     reliability_outcomes.pytest_sessionfinish(None, 0)
     assert reliability_outcomes.json.loads(outcomes.read_text()) == {
         DISK: {"outcome": "skipped", "reason": "cannot mount a small filesystem"},
-        "tests/test_e2e_reliability.py::test_b": {"outcome": "passed"},
+        "tests/test_e2e_reliability.py::test_b": {"outcome": "passed", "figure": "SIGTERM at step 7: resumed at 7"},
         "tests/test_tracking.py::test_old": {"outcome": "passed"},
     }

@@ -200,7 +200,7 @@ finish_run(uri, run_id)
 
 
 @pytest.mark.timeout(300)
-def test_eight_processes_writing_one_locked_sqlite_store_lose_nothing(tmp_path):
+def test_eight_processes_writing_one_locked_sqlite_store_lose_nothing(tmp_path, record_property):
     """Eight processes create and log runs in one SQLite store while another writer holds its lock longer
     than SQLite waits for it (MLflow's busy timeout, 20 s): each call retries with backoff, and every run,
     param and metric arrives."""
@@ -234,3 +234,4 @@ def test_eight_processes_writing_one_locked_sqlite_store_lose_nothing(tmp_path):
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.params["name"] == r.info.run_name
         assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 11))
+    record_property("figure", "store locked 25 s: 8 of 8 writers finished, 8 runs × 10 steps all arrived")
